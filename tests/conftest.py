@@ -1,0 +1,27 @@
+"""Test-wide settings: 8 simulated CPU devices and exact float32 matmuls.
+
+The XLA flag must be set before jax initialises its backends, so it is set at import time here,
+before any test module imports jax.
+"""
+import os
+
+os.environ.setdefault("XLA_FLAGS", "")
+if "xla_force_host_platform_device_count" not in os.environ["XLA_FLAGS"]:
+  os.environ["XLA_FLAGS"] += " --xla_force_host_platform_device_count=8"
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import jax  # noqa: E402
+
+jax.config.update("jax_default_matmul_precision", "highest")
+
+
+def pytest_configure(config):
+  try:
+    import torch
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.set_num_threads(1)
+  except ImportError:
+    pass

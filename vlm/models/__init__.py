@@ -1,0 +1,1 @@
+"""Model registry: preset family name -> linen module class."""

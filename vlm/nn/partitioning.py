@@ -1,0 +1,46 @@
+"""Logical axis names and the helpers that attach them to parameters and activations.
+
+Every parameter in vlm is created through :func:`param_with_axes` (or a layer in
+:mod:`vlm.nn.layers` that calls it), so it carries a tuple of logical axis names. A rules table
+(``config.mesh.rules``, see :mod:`vlm.parallel.rules`) maps each logical name to zero or more mesh
+axes; ``flax.linen.logical_to_mesh_sharding`` turns the names into ``NamedSharding`` objects.
+
+Names follow MaxText/big_vision conventions:
+
+* ``BATCH``   activations' leading batch axis.
+* ``LENGTH``  sequence (tokens, patches, query tokens) axis of activations.
+* ``EMBED``   model width (d_model) of parameters and activations.
+* ``HEADS``   attention heads (or heads*head_dim when fused in a kernel).
+* ``KV``      per-head feature axis (head_dim).
+* ``MLP``     feed-forward hidden axis.
+* ``VOCAB``   vocabulary axis of embedding tables and LM heads.
+* ``EXPERT``  MoE experts.
+* ``LAYERS``  stacked layer axis under ``nn.scan``.
+"""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import flax.linen as nn
+
+BATCH = "batch"
+LENGTH = "length"
+EMBED = "embed"
+HEADS = "heads"
+KV = "kv"
+MLP = "mlp"
+VOCAB = "vocab"
+EXPERT = "expert"
+LAYERS = "layers"
+
+ALL_AXES = (BATCH, LENGTH, EMBED, HEADS, KV, MLP, VOCAB, EXPERT, LAYERS)
+
+
+def with_axes(init: Callable, axes: Sequence[str | None]) -> Callable:
+  """Wraps an initializer so the created parameter carries logical axis names ``axes``."""
+  return nn.with_logical_partitioning(init, tuple(axes))
+
+
+def constrain(x, axes: Sequence[str | None]):
+  """Applies a logical sharding constraint to an activation (no-op outside a mesh/rules context)."""
+  return nn.with_logical_constraint(x, tuple(axes))
