@@ -1,0 +1,395 @@
+"""grain input pipelines for BLIP-2 stage 1: checkpointable training stream and retrieval eval data.
+
+Training (:func:`build_blip2_train_loader`) is a ``grain.DataLoader``:
+
+  CocoCaptionsSource -> drop bad records found at build time (:func:`validate_records`)
+  -> IndexSampler(shuffle, seed, num_epochs=None, ShardOptions(process_index, process_count,
+     drop_remainder=True)) -> Blip2TrainTransform (RandomMap: image load + random resized crop +
+     hflip + CLIP normalise; pre_caption + tokenize) -> Batch(global_batch // process_count,
+     drop_remainder=True)
+
+Each process yields numpy batches ``{"pixel_values": float32 [b, S, S, 3], "input_ids": int32
+[b, T], "attention_mask": int32 [b, T], "image_id": int32 [b]}`` with ``b = global_batch_size //
+process_count``. The iterator (``iter(loader)``) has ``get_state() -> bytes`` / ``set_state``
+and is saved with orbax through :func:`iterator_checkpoint_args`.
+"""
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import dataclasses
+import os
+from typing import Any, Sequence
+
+import grain
+import numpy as np
+
+from vlm.data import image as image_lib
+from vlm.data.paths import resolve_path
+from vlm.data.sources import CocoCaptionsSource, SubsetSource, load_coco_retrieval
+from vlm.data.text import Blip2Tokenizer, pre_caption
+
+_ON_BAD_SAMPLE = ("skip", "raise")
+_VALIDATE_IMAGES = ("decode", "header")
+_MAX_REPORTED = 20
+
+
+def _get(cfg: Any, name: str, default: Any) -> Any:
+  """Reads ``cfg.name`` from a ConfigDict / dataclass / namespace, or ``default`` if absent."""
+  if isinstance(cfg, dict):
+    return cfg.get(name, default)
+  try:
+    return getattr(cfg, name)
+  except (AttributeError, KeyError):
+    return default
+
+
+def _split_paths(data_cfg: Any, split: str) -> tuple[str, str]:
+  """(annotation json, image dir) of ``split`` ("train" | "val"), resolved."""
+  if split not in ("train", "val"):
+    raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+  root = resolve_path(_get(data_cfg, "root", "data/coco"))
+  ann_name = _get(data_cfg, f"{split}_annotations", f"captions_{split}2017.json")
+  ann = os.path.join(root, ann_name)
+  image_dir = os.path.join(root, _get(data_cfg, "image_dir", "images"))
+  return ann, image_dir
+
+
+@dataclasses.dataclass
+class DataStats:
+  """Bad-sample accounting of one source.
+
+  Attributes:
+    n_records: records in the annotation file (one per caption).
+    n_kept: records that stream.
+    n_skipped: records dropped (``n_records - n_kept``).
+    reasons: count per reason: ``"missing_image"``, ``"empty_image"``, ``"corrupt_image"``,
+      ``"empty_caption"``.
+    examples: up to 20 ``(record index, image path, reason)`` of dropped records.
+  """
+  n_records: int
+  n_kept: int
+  n_skipped: int
+  reasons: dict[str, int]
+  examples: list[tuple[int, str, str]]
+
+  def as_dict(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+
+def validate_records(
+    source: CocoCaptionsSource,
+    *,
+    max_words: int = 50,
+    validate_images: str = "decode",
+    on_bad_sample: str = "skip",
+    num_threads: int = 8,
+) -> tuple[np.ndarray, DataStats]:
+  """Scans every record once and finds the usable ones (deterministic, done at build time).
+
+  A record is bad if its image is missing, empty (0 bytes) or not decodable by Pillow, or its
+  caption is empty after :func:`pre_caption`. Each distinct image file is checked once.
+
+  Args:
+    source: records with ``image_path`` and ``caption``.
+    max_words: ``pre_caption`` word limit.
+    validate_images: ``"decode"`` (full decode, exact) or ``"header"`` (open + verify).
+    on_bad_sample: ``"skip"`` drops bad records; ``"raise"`` raises on the first one.
+    num_threads: threads used to check image files.
+
+  Returns:
+    ``(kept_indices int64 [n_kept], stats)``.
+
+  Raises:
+    image_lib.BadSampleError: in ``"raise"`` mode, naming the file (or caption) and the reason.
+    ValueError: on invalid option values, or if no record is usable.
+  """
+  if on_bad_sample not in _ON_BAD_SAMPLE:
+    raise ValueError(f"on_bad_sample must be one of {_ON_BAD_SAMPLE}, got {on_bad_sample!r}")
+  if validate_images not in _VALIDATE_IMAGES:
+    raise ValueError(f"validate_images must be one of {_VALIDATE_IMAGES}, got "
+                     f"{validate_images!r}")
+  n = len(source)
+  records = [source[i] for i in range(n)]
+  paths = sorted({r["image_path"] for r in records})
+  decode = validate_images == "decode"
+  with concurrent.futures.ThreadPoolExecutor(max(1, num_threads)) as pool:
+    image_status = dict(zip(paths, pool.map(
+        lambda p: image_lib.check_image_file(p, decode=decode), paths)))
+  kept, reasons, examples = [], collections.Counter(), []
+  for i, rec in enumerate(records):
+    status = image_status[rec["image_path"]]
+    reason = None
+    if status is not None:
+      reason = f"{status}_image"
+      detail = f"image file {status}: {rec['image_path']}"
+    elif not pre_caption(rec["caption"], max_words):
+      reason = "empty_caption"
+      detail = (f"caption_id={rec['caption_id']} (image {rec['image_path']}) is empty after "
+                f"pre_caption: {rec['caption']!r}")
+    if reason is None:
+      kept.append(i)
+      continue
+    if on_bad_sample == "raise":
+      raise image_lib.BadSampleError(
+          f"bad sample at record {i} of {source!r}: {detail}. Fix the data or set "
+          "data_cfg.on_bad_sample='skip'.")
+    reasons[reason] += 1
+    if len(examples) < _MAX_REPORTED:
+      examples.append((i, rec["image_path"], reason))
+  if not kept:
+    raise ValueError(f"all {n} records of {source!r} are bad ({dict(reasons)}); nothing to train "
+                     "on. Check data_cfg.root / image_dir.")
+  stats = DataStats(n_records=n, n_kept=len(kept), n_skipped=n - len(kept),
+                    reasons=dict(reasons), examples=examples)
+  return np.asarray(kept, dtype=np.int64), stats
+
+
+class Blip2TrainTransform(grain.transforms.RandomMap):
+  """Per-record training preprocessing (spec §6.4 ``blip2_image_train``, §6.5, §2.8).
+
+  Maps ``{"image_path", "caption", "image_id", ...}`` to ``{"pixel_values": float32 [S, S, 3],
+  "input_ids": int32 [T], "attention_mask": int32 [T], "image_id": int32 []}`` using the
+  per-record ``rng`` grain derives from the sampler seed and the global record index.
+
+  If an image that passed build-time validation still fails to decode (only possible with
+  ``validate_images="header"``), ``"skip"`` mode deterministically substitutes a record drawn
+  from ``source`` with the same rng (counted in ``self.load_time_substitutions``, per process
+  or worker); ``"raise"`` mode raises :class:`BadSampleError` naming the file.
+  """
+
+  def __init__(self, *, tokenizer: Blip2Tokenizer, image_size: int, max_text_len: int,
+               crop_scale: Sequence[float], hflip: bool, max_words: int, on_bad_sample: str,
+               source=None):
+    self.tokenizer = tokenizer
+    self.image_size = int(image_size)
+    self.max_text_len = int(max_text_len)
+    self.crop_scale = tuple(float(s) for s in crop_scale)
+    self.hflip = bool(hflip)
+    self.max_words = int(max_words)
+    self.on_bad_sample = on_bad_sample
+    self.source = source
+    self.load_time_substitutions = 0
+
+  def _process(self, record: dict[str, Any], rng: np.random.Generator) -> dict[str, np.ndarray]:
+    img = image_lib.load_rgb(record["image_path"])
+    pixels = image_lib.preprocess_train(img, self.image_size, rng, self.crop_scale, self.hflip)
+    ids, mask = self.tokenizer.tokenize([pre_caption(record["caption"], self.max_words)],
+                                        self.max_text_len)
+    return {
+        "pixel_values": pixels,
+        "input_ids": ids[0],
+        "attention_mask": mask[0],
+        "image_id": np.asarray(record["image_id"], dtype=np.int32),
+    }
+
+  def random_map(self, element: dict[str, Any], rng: np.random.Generator):
+    try:
+      return self._process(element, rng)
+    except image_lib.BadSampleError:
+      if self.on_bad_sample == "raise" or self.source is None:
+        raise
+      last = None
+      for _ in range(16):
+        self.load_time_substitutions += 1
+        substitute = self.source[int(rng.integers(len(self.source)))]
+        try:
+          return self._process(substitute, rng)
+        except image_lib.BadSampleError as e:
+          last = e
+      raise image_lib.BadSampleError(
+          f"could not find a decodable substitute for {element['image_path']} after 16 tries; "
+          f"last error: {last}. Use data_cfg.validate_images='decode'.")
+
+
+class Blip2TrainLoader(grain.DataLoader):
+  """``grain.DataLoader`` plus the bad-sample :class:`DataStats` and batch geometry.
+
+  Attributes:
+    stats: :class:`DataStats` of the training source.
+    loader_stats: ``stats.as_dict()``.
+    per_process_batch_size: b = global_batch_size // process_count.
+    process_index, process_count: the data shard this loader reads.
+  """
+
+  def __init__(self, *, stats: DataStats, per_process_batch_size: int, process_index: int,
+               process_count: int, **kwargs):
+    super().__init__(**kwargs)
+    self.stats = stats
+    self.per_process_batch_size = per_process_batch_size
+    self.process_index = process_index
+    self.process_count = process_count
+
+  @property
+  def loader_stats(self) -> dict[str, Any]:
+    return self.stats.as_dict()
+
+
+def build_blip2_train_loader(
+    data_cfg: Any,
+    *,
+    global_batch_size: int,
+    seed: int,
+    process_index: int | None = None,
+    process_count: int | None = None,
+) -> Blip2TrainLoader:
+  """Builds the checkpointable, infinitely repeating, per-process-sharded training loader.
+
+  Shuffling is a deterministic function of ``seed`` (reshuffled every epoch); augmentation
+  randomness is a function of ``seed`` and the global record position, so the same seed gives
+  the same batches and restoring an iterator state resumes the exact stream. Process ``p`` of
+  ``P`` reads a disjoint 1/P shard of the (validated) records.
+
+  Args:
+    data_cfg: ConfigDict (see :func:`vlm.data.config.default_blip2_data_config`).
+    global_batch_size: batch summed over processes; must be divisible by ``process_count``.
+    seed: non-negative 32-bit int.
+    process_index, process_count: data shard; default ``jax.process_index()`` /
+      ``jax.process_count()``.
+
+  Returns:
+    :class:`Blip2TrainLoader` (a ``grain.DataLoader``); ``iter(loader)`` yields numpy dicts
+    ``pixel_values`` float32 [b, S, S, 3], ``input_ids`` int32 [b, T], ``attention_mask`` int32
+    [b, T], ``image_id`` int32 [b], with b = global_batch_size // process_count, T =
+    ``max_text_len``, S = ``image_size``.
+
+  Raises:
+    ValueError: bad batch size / process layout / option values, all records bad, fewer kept
+      records than processes.
+    FileNotFoundError: annotation or vocab file missing.
+    BadSampleError: a bad record in ``on_bad_sample="raise"`` mode (names the file).
+  """
+  if process_index is None or process_count is None:
+    import jax  # pylint: disable=g-import-not-at-top
+    process_index = jax.process_index() if process_index is None else process_index
+    process_count = jax.process_count() if process_count is None else process_count
+  if process_count < 1 or not 0 <= process_index < process_count:
+    raise ValueError(f"need 0 <= process_index < process_count, got process_index="
+                     f"{process_index}, process_count={process_count}")
+  if global_batch_size < 1 or global_batch_size % process_count:
+    raise ValueError(f"global_batch_size={global_batch_size} must be a positive multiple of the "
+                     f"process count {process_count} (each process loads an equal share)")
+  if not isinstance(seed, (int, np.integer)) or not 0 <= int(seed) < 2**32:
+    raise ValueError(f"seed must be an int in [0, 2**32), got {seed!r}")
+  seed = int(seed)
+  per_process = global_batch_size // process_count
+  on_bad_sample = _get(data_cfg, "on_bad_sample", "skip")
+  max_words = int(_get(data_cfg, "max_words", 50))
+
+  ann, image_dir = _split_paths(data_cfg, "train")
+  source = CocoCaptionsSource(ann, image_dir)
+  kept, stats = validate_records(
+      source, max_words=max_words, on_bad_sample=on_bad_sample,
+      validate_images=_get(data_cfg, "validate_images", "decode"))
+  kept_source = SubsetSource(source, kept)
+  if len(kept_source) < process_count:
+    raise ValueError(f"only {len(kept_source)} usable records for {process_count} processes")
+
+  tokenizer = Blip2Tokenizer(_get(data_cfg, "vocab_file",
+                                  "vlm/assets/tokenizers/bert-base-uncased/vocab.txt"))
+  transform = Blip2TrainTransform(
+      tokenizer=tokenizer,
+      image_size=_get(data_cfg, "image_size", 224),
+      max_text_len=_get(data_cfg, "max_text_len", 32),
+      crop_scale=_get(data_cfg, "crop_scale", (0.5, 1.0)),
+      hflip=_get(data_cfg, "hflip", True),
+      max_words=max_words,
+      on_bad_sample=on_bad_sample,
+      source=kept_source)
+  shard_options = grain.sharding.ShardOptions(
+      shard_index=process_index, shard_count=process_count, drop_remainder=True)
+  sampler = grain.samplers.IndexSampler(
+      num_records=len(kept_source), shard_options=shard_options, shuffle=True,
+      num_epochs=None, seed=seed)
+  return Blip2TrainLoader(
+      stats=stats, per_process_batch_size=per_process, process_index=process_index,
+      process_count=process_count,
+      data_source=kept_source, sampler=sampler,
+      operations=[transform, grain.transforms.Batch(per_process, drop_remainder=True)],
+      worker_count=int(_get(data_cfg, "worker_count", 0)),
+      worker_buffer_size=int(_get(data_cfg, "worker_buffer_size", 1)),
+      shard_options=shard_options)
+
+
+def iterator_checkpoint_args(iterator, save: bool):
+  """Orbax ``CheckpointArgs`` for a grain iterator, for a ``CheckpointManager`` composite item.
+
+  Usage (item name is free, e.g. ``"data_iter"``)::
+
+    mngr.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(train_state),
+        data_iter=iterator_checkpoint_args(it, save=True)))
+    restored = mngr.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_state),
+        data_iter=iterator_checkpoint_args(it, save=False)))
+    # `it` (a fresh iter(loader) built with the same config, seed and process layout) now
+    # continues where the saved one stopped; restored["data_iter"] is `it`.
+
+  Each process writes/reads its own ``process_<i>-of-<n>.json`` (grain ``CheckpointHandler``).
+
+  Args:
+    iterator: ``iter(loader)`` (grain ``DataLoaderIterator`` or ``DatasetIterator``).
+    save: True for saving, False for restoring into ``iterator`` in place.
+
+  Returns:
+    ``grain.checkpoint.CheckpointSave(item=iterator)`` or ``CheckpointRestore(item=iterator)``.
+
+  Raises:
+    ValueError: if ``iterator`` lacks ``get_state``/``set_state``.
+  """
+  if not (hasattr(iterator, "get_state") and hasattr(iterator, "set_state")):
+    raise ValueError(f"expected a grain iterator with get_state/set_state (iter(loader)), got "
+                     f"{type(iterator).__name__}")
+  if save:
+    return grain.checkpoint.CheckpointSave(item=iterator)
+  return grain.checkpoint.CheckpointRestore(item=iterator)
+
+
+def build_retrieval_eval_data(data_cfg: Any, split: str = "val",
+                              num_threads: int = 8) -> dict[str, Any]:
+  """Loads a whole retrieval split for evaluation (spec §7.1, LAVIS ``compute_sim_matrix``).
+
+  Images: ``blip_image_eval`` (bicubic resize to S x S, CLIP normalise). Texts: ``pre_caption``
+  then tokenised with ``padding="max_length", max_length=eval_max_text_len`` (35).
+
+  Args:
+    data_cfg: data ConfigDict.
+    split: ``"val"`` or ``"train"``.
+    num_threads: threads for image decoding.
+
+  Returns:
+    dict: ``pixel_values`` float32 [N_img, S, S, 3], ``input_ids`` int32 [N_txt, T_eval],
+    ``attention_mask`` int32 [N_txt, T_eval], ``img2txt`` list[list[int]], ``txt2img`` int64
+    [N_txt], ``image_ids`` int64 [N_img], ``texts`` list[str] (cleaned captions),
+    ``image_paths`` list[str].
+
+  Raises:
+    BadSampleError: an image is missing/empty/corrupt (retrieval ground truth must be complete,
+      so eval never skips); the message names the file.
+    FileNotFoundError / ValueError: as :func:`load_coco_retrieval`.
+  """
+  ann, image_dir = _split_paths(data_cfg, split)
+  data = load_coco_retrieval(ann, image_dir)
+  size = int(_get(data_cfg, "image_size", 224))
+  max_words = int(_get(data_cfg, "max_words", 50))
+  tokenizer = Blip2Tokenizer(_get(data_cfg, "vocab_file",
+                                  "vlm/assets/tokenizers/bert-base-uncased/vocab.txt"))
+
+  def load(path):
+    return image_lib.preprocess_eval(image_lib.load_rgb(path), size)
+
+  with concurrent.futures.ThreadPoolExecutor(max(1, num_threads)) as pool:
+    pixel_values = np.stack(list(pool.map(load, data["image_paths"])))
+  texts = [pre_caption(t, max_words) for t in data["texts"]]
+  input_ids, attention_mask = tokenizer.tokenize(
+      texts, int(_get(data_cfg, "eval_max_text_len", 35)))
+  return {
+      "pixel_values": pixel_values,
+      "input_ids": input_ids,
+      "attention_mask": attention_mask,
+      "img2txt": data["img2txt"],
+      "txt2img": data["txt2img"],
+      "image_ids": data["image_ids"],
+      "texts": texts,
+      "image_paths": data["image_paths"],
+  }
