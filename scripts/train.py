@@ -1,0 +1,40 @@
+r"""Train a vlm model from an ml_collections config.
+
+  python scripts/train.py --config configs/blip2/stage1.py:tiny --workdir runs/blip2_tiny \
+      [--config.total_steps=100 ...]
+
+Rerunning with the same --workdir resumes from its latest checkpoint. On a multi-host TPU pod run
+the same command on every host; jax.distributed is initialised when --multihost is set (or the
+TPU environment provides it).
+"""
+import logging
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app, flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+config_flags.DEFINE_config_file("config", None, "Config file (path.py[:variant]).",
+                                lock_config=True)
+flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and results.")
+flags.DEFINE_bool("multihost", False, "Call jax.distributed.initialize() first.")
+flags.mark_flags_as_required(["config", "workdir"])
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+  del argv
+  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+  logging.getLogger("absl").setLevel(logging.WARNING)
+  import jax
+  if FLAGS.multihost:
+    jax.distributed.initialize()
+  from vlm.train import loop
+  results = loop.run(FLAGS.config, FLAGS.workdir)
+  logging.info("finished at step %d", results["step"])
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,172 @@
+"""Device mesh and logical-axis rules from a config, validated before anything compiles.
+
+The mesh has named axes ``data`` (pure data parallelism), ``fsdp`` (data parallelism with
+parameters and optimizer state sharded, ZeRO-3 style) and ``tensor`` (Megatron-style model
+parallelism over heads / MLP / vocabulary), plus ``expert`` for MoE models. Sizes come from
+``config.mesh.shape`` (a dict; one entry may be -1 = "all remaining devices").
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping, Sequence
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from vlm.nn import partitioning as P
+
+MESH_AXES = ("data", "fsdp", "tensor", "expert")
+
+# Priority-ordered: flax assigns each logical axis the first rule whose mesh axes are still free in
+# that array, so an activation (batch, length, embed) gets batch -> (data, fsdp) and leaves embed
+# replicated, while a parameter (embed, mlp) gets embed -> fsdp and mlp -> tensor.
+DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
+    (P.BATCH, ("data", "fsdp")),
+    (P.EMBED, "fsdp"),
+    (P.HEADS, "tensor"),
+    (P.MLP, "tensor"),
+    (P.VOCAB, "tensor"),
+    (P.EXPERT, "expert"),
+    (P.KV, None),
+    (P.LENGTH, None),
+    (P.LAYERS, None),
+)
+
+
+def resolve_mesh_shape(shape: Mapping[str, int], num_devices: int) -> dict[str, int]:
+  """Fills a -1 entry and checks the product against ``num_devices``.
+
+  Args:
+    shape: mesh axis name -> size; names must be among ``MESH_AXES``; at most one -1.
+    num_devices: devices available (``jax.device_count()``).
+  Returns:
+    axis name -> size for all of ``MESH_AXES`` (missing axes get 1).
+  Raises:
+    ValueError: unknown axis, non-positive size, two -1 entries, or a product that does not
+      equal the device count (the message gives both and how to fix the config).
+  """
+  unknown = set(shape) - set(MESH_AXES)
+  if unknown:
+    raise ValueError(f"unknown mesh axes {sorted(unknown)}; valid axes are {MESH_AXES}")
+  sizes = {a: int(shape.get(a, 1)) for a in MESH_AXES}
+  free = [a for a, s in sizes.items() if s == -1]
+  bad = [a for a, s in sizes.items() if s == 0 or s < -1]
+  if bad:
+    raise ValueError(f"mesh axis sizes must be positive or -1, got {dict(shape)}")
+  if len(free) > 1:
+    raise ValueError(f"at most one mesh axis may be -1, got {free} in {dict(shape)}")
+  fixed = math.prod(s for s in sizes.values() if s != -1)
+  if free:
+    if num_devices % fixed:
+      raise ValueError(
+          f"mesh {dict(shape)} cannot fit {num_devices} devices: the fixed axes multiply to "
+          f"{fixed}, which does not divide {num_devices}. Change config.mesh.shape.")
+    sizes[free[0]] = num_devices // fixed
+  total = math.prod(sizes.values())
+  if total != num_devices:
+    raise ValueError(
+        f"mesh {dict(shape)} needs {total} devices but {num_devices} are available; set "
+        f"config.mesh.shape so the sizes multiply to {num_devices} (or use -1 for one axis).")
+  return sizes
+
+
+def make_mesh(shape: Mapping[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """Builds a ``jax.sharding.Mesh`` with axes ``MESH_AXES`` from ``shape`` (see resolve_mesh_shape).
+
+  On TPU/GPU ``jax.experimental.mesh_utils.create_device_mesh`` orders devices for the
+  interconnect; on CPU a plain reshape is used.
+  """
+  devices = list(devices if devices is not None else jax.devices())
+  sizes = resolve_mesh_shape(shape, len(devices))
+  dims = tuple(sizes[a] for a in MESH_AXES)
+  if devices[0].platform in ("tpu", "gpu") and len(devices) == jax.device_count():
+    from jax.experimental import mesh_utils
+    arr = mesh_utils.create_device_mesh(dims, devices=devices)
+  else:
+    arr = np.asarray(devices, dtype=object).reshape(dims)
+  return Mesh(arr, MESH_AXES)
+
+
+def rules_from_config(rules: Sequence[Sequence[Any]] | None) -> tuple[tuple[str, Any], ...]:
+  """Normalises a rules table from a config (lists become tuples); ``None`` -> DEFAULT_RULES.
+
+  Raises:
+    ValueError: a rule that names a mesh axis outside ``MESH_AXES``.
+  """
+  if rules is None:
+    return DEFAULT_RULES
+  out = []
+  for rule in rules:
+    name, axes = rule
+    if isinstance(axes, list):
+      axes = tuple(axes)
+    for a in (axes if isinstance(axes, tuple) else (axes,)):
+      if a is not None and a not in MESH_AXES:
+        raise ValueError(f"logical rule {rule!r} names mesh axis {a!r}; valid: {MESH_AXES}")
+    out.append((name, axes))
+  return tuple(out)
+
+
+def data_parallel_size(mesh: Mesh, rules) -> int:
+  """Number of ways the batch axis is split under ``rules`` on ``mesh``."""
+  spec = nn.logical_to_mesh_axes((P.BATCH,), rules)[0]
+  if spec is None:
+    return 1
+  names = spec if isinstance(spec, tuple) else (spec,)
+  return math.prod(mesh.shape[n] for n in names)
+
+
+def check_batch_size(global_batch_size: int, mesh: Mesh, rules) -> None:
+  """Raises ValueError unless the global batch splits evenly over the batch-sharding mesh axes."""
+  n = data_parallel_size(mesh, rules)
+  if global_batch_size % n:
+    raise ValueError(
+        f"global batch size {global_batch_size} is not divisible by the {n} data-parallel shards "
+        f"of mesh {dict(mesh.shape)}; pick a batch size that is a multiple of {n}.")
+
+
+def logical_sharding(mesh: Mesh, rules, axes: Sequence[str | None]) -> NamedSharding:
+  """NamedSharding for an array with logical ``axes``."""
+  return NamedSharding(mesh, nn.logical_to_mesh_axes(tuple(axes), rules))
+
+
+def batch_sharding(mesh: Mesh, rules, ndim: int) -> NamedSharding:
+  """Sharding of a batch array with ``ndim`` dims: leading axis over the batch mesh axes."""
+  return logical_sharding(mesh, rules, (P.BATCH,) + (None,) * (ndim - 1))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, PartitionSpec())
+
+
+def check_param_divisibility(abstract_params, shardings) -> None:
+  """Raises ValueError naming every parameter whose sharded dims do not divide evenly."""
+  bad = []
+  flat_p = jax.tree_util.tree_flatten_with_path(abstract_params)[0]
+  flat_s = jax.tree_util.tree_leaves(shardings, is_leaf=lambda x: isinstance(x, NamedSharding))
+  for (path, leaf), sh in zip(flat_p, flat_s):
+    for dim, axes in zip(leaf.shape, sh.spec):
+      if axes is None:
+        continue
+      names = axes if isinstance(axes, tuple) else (axes,)
+      n = math.prod(sh.mesh.shape[a] for a in names)
+      if dim % n:
+        bad.append(f"{jax.tree_util.keystr(path)} {leaf.shape} dim {dim} over {names} ({n})")
+  if bad:
+    raise ValueError("parameters that do not split evenly over the mesh (change the mesh or the "
+                     "logical rules):\n  " + "\n  ".join(bad))
+
+
+def global_batch_from_host(batch: Mapping[str, np.ndarray], mesh: Mesh, rules) -> dict:
+  """Assembles per-process numpy batches into global jax.Arrays sharded over the batch axes.
+
+  Each process passes its own slice (leading dim = global batch / process count);
+  ``jax.make_array_from_process_local_data`` stitches them together (works on one host too).
+  """
+  out = {}
+  for k, v in batch.items():
+    v = np.asarray(v)
+    out[k] = jax.make_array_from_process_local_data(batch_sharding(mesh, rules, v.ndim), v)
+  return out
