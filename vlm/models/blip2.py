@@ -1,0 +1,280 @@
+"""BLIP-2 stage 1: image encoder + Q-Former + ITC / ITM / ITG heads.
+
+Math: BLIP-2 spec sections 2-3 and 5 (/work/shared/design/blip2_spec.md); references HF
+``Blip2ForImageTextRetrieval`` (``transformers/models/blip_2/modeling_blip_2.py``) for the ITC and
+ITM paths and LAVIS ``Blip2Qformer.forward`` for ITG (HF has no LM head).
+
+Named axes: ``B`` batch, ``S`` image side, ``Nv`` image tokens (patches + class), ``Dv`` image
+width, ``Q`` query tokens, ``T`` text tokens, ``D`` Q-Former width, ``E`` ITC feature width
+(``image_text_hidden_size``), ``V`` Q-Former vocabulary.
+
+The ITG pass is one pass over ``[Q; T]`` with the UniLM mask of spec section 2.4 instead of
+LAVIS's KV-cache reuse; both give the same outputs because queries never attend to text (spec
+section 3.4; checked in tests/equivalence/test_blip2_qformer.py).
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from vlm.models.clip_vit import ClipVisionModel
+from vlm.models.eva_vit import EvaVisionModel
+from vlm.models.presets import Blip2Config, QFormerConfig
+from vlm.models.qformer import Blip2TextEmbeddings, QFormerModel
+from vlm.nn import layers
+from vlm.nn import partitioning as P
+
+Dtype = Any
+
+
+def l2_normalize(x, eps: float = 1e-12):
+  """``x / max(||x||_2, eps)`` over the last axis (torch ``F.normalize``), computed in float32."""
+  x32 = jnp.asarray(x, jnp.float32)
+  norm = jnp.sqrt(jnp.sum(jnp.square(x32), axis=-1, keepdims=True))
+  return jnp.asarray(x32 / jnp.maximum(norm, eps), x.dtype)
+
+
+def itg_attention_mask(text_attention_mask, num_queries: int):
+  """The multimodal causal (UniLM) self-attention mask of spec section 2.4.
+
+  Queries attend only to queries; text position ``t`` attends to every query and to text
+  positions ``<= t``; keys that are text padding are masked for every row.
+
+  Args:
+    text_attention_mask: [B,T] 0/1 or bool key padding of the text.
+    num_queries: ``Q``.
+  Returns:
+    bool [B, Q+T, Q+T] (True = attend).
+  """
+  text_mask = jnp.asarray(text_attention_mask).astype(bool)
+  batch, t = text_mask.shape
+  q = num_queries
+  top = jnp.concatenate([jnp.ones((q, q), bool), jnp.zeros((q, t), bool)], axis=1)
+  bottom = jnp.concatenate([jnp.ones((t, q), bool), jnp.tril(jnp.ones((t, t), bool))], axis=1)
+  pattern = jnp.concatenate([top, bottom], axis=0)
+  keys = jnp.concatenate([jnp.ones((batch, q), bool), text_mask], axis=1)
+  return pattern[None] & keys[:, None, :]
+
+
+class Blip2LMHead(nn.Module):
+  """BERT MLM head reused as the ITG causal-LM head (LAVIS ``Qformer.cls``; spec section 2.5).
+
+  Tree: ``predictions/{transform/{dense, LayerNorm}, bias [V]}``; the decoder matrix is tied to
+  the word embeddings and passed in as ``decoder`` (a function [..., D] -> [..., V]).
+  ``__call__(h [B,T,D], decoder) -> logits [B,T,V] = decoder(LN(GELU(h W + b))) + bias``.
+  """
+  config: QFormerConfig
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, h, decoder: Callable):
+    return _LMPredictions(self.config, self.dtype, self.param_dtype, name="predictions")(h, decoder)
+
+
+class _LMPredictions(nn.Module):
+  config: QFormerConfig
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, h, decoder: Callable):
+    cfg = self.config
+    h = _LMTransform(cfg, self.dtype, self.param_dtype, name="transform")(h)
+    bias = self.param("bias", P.with_axes(nn.initializers.zeros, (P.VOCAB,)), (cfg.vocab_size,),
+                      self.param_dtype)
+    return decoder(h) + jnp.asarray(bias, self.dtype)
+
+
+class _LMTransform(nn.Module):
+  config: QFormerConfig
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, h):
+    cfg = self.config
+    h = layers.Dense(cfg.hidden_size, kernel_axes=(P.EMBED, P.MLP), name="dense", dtype=self.dtype,
+                     param_dtype=self.param_dtype,
+                     kernel_init=nn.initializers.normal(cfg.initializer_range))(h)
+    h = layers.activation(cfg.hidden_act)(h)
+    return layers.LayerNorm(epsilon=cfg.layer_norm_eps, name="LayerNorm", dtype=self.dtype,
+                            param_dtype=self.param_dtype)(h)
+
+
+class Blip2Stage1(nn.Module):
+  """The BLIP-2 stage-1 model (LAVIS ``Blip2Qformer``; HF ``Blip2ForImageTextRetrieval`` + LM head).
+
+  Parameters (see /work/coord/CONTRACT.md): ``vision_model``, ``query_tokens`` [1,Q,D],
+  ``embeddings``, ``qformer``, ``vision_projection``, ``text_projection``, ``itm_head``,
+  ``cls/predictions`` (ITG head, decoder tied to ``embeddings/word_embeddings``), ``temp`` [].
+  Init: kernels and embeddings N(0, qformer.initializer_range), biases 0, LayerNorm 1/0,
+  ``query_tokens`` N(0, 0.02), ``temp = config.temp_init``; the vision tower uses its own init.
+
+  Attributes:
+    config: :class:`Blip2Config`.
+    dtype / param_dtype: computation / storage dtypes.
+    remat: rematerialise vision blocks and Q-Former layers.
+
+  Every method takes ``deterministic`` (default True); with False, dropout is active and a
+  ``"dropout"`` rng must be given to ``apply``. Call methods with
+  ``model.apply(variables, ..., method=Blip2Stage1.itm_logits)``.
+  """
+  config: Blip2Config
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+  remat: bool = False
+
+  def setup(self):
+    cfg = self.config
+    qcfg = cfg.qformer
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    vision_cls = EvaVisionModel if cfg.vision.kind == "eva" else ClipVisionModel
+    self.vision_model = vision_cls(cfg.vision, remat=self.remat, **kw)
+    self.query_tokens = self.param(
+        "query_tokens", P.with_axes(nn.initializers.normal(0.02), (None, None, P.EMBED)),
+        (1, cfg.num_query_tokens, qcfg.hidden_size), self.param_dtype)
+    self.embeddings = Blip2TextEmbeddings(qcfg, **kw)
+    self.qformer = QFormerModel(qcfg, remat=self.remat, **kw)
+    init = nn.initializers.normal(qcfg.initializer_range)
+    self.vision_projection = layers.Dense(cfg.image_text_hidden_size, kernel_axes=(P.EMBED, None),
+                                          kernel_init=init, **kw)
+    self.text_projection = layers.Dense(cfg.image_text_hidden_size, kernel_axes=(P.EMBED, None),
+                                        kernel_init=init, **kw)
+    self.itm_head = layers.Dense(2, kernel_axes=(P.EMBED, None), kernel_init=init, **kw)
+    self.cls = Blip2LMHead(qcfg, **kw)
+    self.temp = self.param("temp", P.with_axes(nn.initializers.constant(cfg.temp_init), ()), (),
+                           self.param_dtype)
+
+  # -- helpers ---------------------------------------------------------------------------------
+
+  def _queries(self, batch: int):
+    q = jnp.asarray(self.query_tokens, self.dtype)
+    return jnp.broadcast_to(q, (batch,) + q.shape[1:])
+
+  def _check_text(self, input_ids, attention_mask):
+    if input_ids.ndim != 2:
+      raise ValueError(f"input_ids must be [B,T], got shape {input_ids.shape}")
+    if attention_mask is None:
+      return jnp.ones(input_ids.shape, bool)
+    if attention_mask.shape != input_ids.shape:
+      raise ValueError(f"attention_mask shape {attention_mask.shape} != input_ids shape "
+                       f"{input_ids.shape}; pass the [B,T] 0/1 text padding mask")
+    return attention_mask
+
+  def _check_pair(self, image_embeds, input_ids):
+    if image_embeds.ndim != 3 or image_embeds.shape[0] != input_ids.shape[0]:
+      raise ValueError(f"image_embeds must be [B,Nv,Dv] with the batch of input_ids "
+                       f"{input_ids.shape}, got {image_embeds.shape}")
+
+  # -- public methods --------------------------------------------------------------------------
+
+  def encode_image(self, pixel_values, deterministic: bool = True):
+    """Image tower + ``post_layernorm``: float [B,S,S,3] NHWC -> image_embeds [B,Nv,Dv].
+
+    ``deterministic`` is accepted for a uniform API; the vision tower has no dropout.
+    """
+    del deterministic
+    return self.vision_model(pixel_values)
+
+  def image_features(self, image_embeds, deterministic: bool = True):
+    """Query-only Q-Former pass (spec section 3.1, pass 1; HF ``Blip2VisionModelWithProjection``).
+
+    Args:
+      image_embeds: [B,Nv,Dv].
+    Returns:
+      (query_output [B,Q,D], image_feats [B,Q,E] = l2norm(vision_projection(query_output))).
+    """
+    if image_embeds.ndim != 3:
+      raise ValueError(f"image_embeds must be [B,Nv,Dv], got shape {image_embeds.shape}")
+    queries = self._queries(image_embeds.shape[0])
+    out = self.qformer(queries, query_length=queries.shape[1], attention_mask=None,
+                       encoder_hidden_states=image_embeds, deterministic=deterministic)
+    return out, l2_normalize(self.vision_projection(out))
+
+  def text_features(self, input_ids, attention_mask=None, deterministic: bool = True):
+    """Text-only Q-Former pass (spec section 3.1, pass 2; HF ``Blip2TextModelWithProjection``).
+
+    Args:
+      input_ids: int [B,T] starting with [CLS].
+      attention_mask: [B,T] 0/1 padding mask (default all ones).
+    Returns:
+      (text_output [B,T,D], text_feat [B,E] = l2norm(text_projection(text_output[:, 0]))).
+    """
+    attention_mask = self._check_text(input_ids, attention_mask)
+    out = self.qformer(self.embeddings(input_ids), query_length=0, attention_mask=attention_mask,
+                       encoder_hidden_states=None, deterministic=deterministic)
+    return out, l2_normalize(self.text_projection(out[:, 0]))
+
+  def itm_logits(self, image_embeds, input_ids, attention_mask=None, deterministic: bool = True):
+    """Image-text matching logits for paired rows (spec section 3.3; HF ITM head).
+
+    One bi-directional pass over ``[Q; T]`` with mask ``concat(ones(Q), attention_mask)``, then
+    ``mean_q itm_head(H[:, :Q])``.
+
+    Args:
+      image_embeds: [B,Nv,Dv]; input_ids: int [B,T]; attention_mask: [B,T] 0/1.
+    Returns:
+      float [B,2] (class 1 = match).
+    """
+    attention_mask = self._check_text(input_ids, attention_mask)
+    self._check_pair(image_embeds, input_ids)
+    batch = input_ids.shape[0]
+    queries = self._queries(batch)
+    q = queries.shape[1]
+    mask = jnp.concatenate([jnp.ones((batch, q), bool), jnp.asarray(attention_mask).astype(bool)],
+                           axis=1)
+    h = self.qformer(self.embeddings(input_ids, queries), query_length=q, attention_mask=mask,
+                     encoder_hidden_states=image_embeds, deterministic=deterministic)
+    return jnp.mean(self.itm_head(h[:, :q]), axis=1)
+
+  def itg_logits(self, image_embeds, input_ids, attention_mask=None, deterministic: bool = True):
+    """Image-grounded text generation logits (spec sections 2.4, 2.5, 3.4).
+
+    One pass over ``[Q; T]`` with the UniLM mask (:func:`itg_attention_mask`); queries
+    cross-attend and use the query FFN, text uses the text FFN; the LM head runs on the text
+    positions only.
+
+    Args:
+      image_embeds: [B,Nv,Dv].
+      input_ids: int [B,T], the first token already replaced by [DEC].
+      attention_mask: [B,T] 0/1 text padding mask.
+    Returns:
+      float [B,T,V]; position t predicts token t+1 (shift in the loss).
+    """
+    attention_mask = self._check_text(input_ids, attention_mask)
+    self._check_pair(image_embeds, input_ids)
+    queries = self._queries(input_ids.shape[0])
+    q = queries.shape[1]
+    mask = itg_attention_mask(attention_mask, q)
+    h = self.qformer(self.embeddings(input_ids, queries), query_length=q, attention_mask=mask,
+                     encoder_hidden_states=image_embeds, deterministic=deterministic)
+    return self.cls(h[:, q:], self.embeddings.attend)
+
+  def temperature(self):
+    """The ITC temperature ``temp`` (scalar, trainable, no clamp; spec section 2.6)."""
+    return self.temp
+
+  def __call__(self, pixel_values, input_ids, attention_mask=None, deterministic: bool = True):
+    """Runs every head once (touches every parameter; used for ``init``).
+
+    Args:
+      pixel_values: float [B,S,S,3]; input_ids: int [B,T]; attention_mask: [B,T].
+    Returns:
+      dict with ``image_embeds`` [B,Nv,Dv], ``image_feats`` [B,Q,E], ``text_feat`` [B,E],
+      ``itm_logits`` [B,2], ``itg_logits`` [B,T,V], ``temp`` [].
+    """
+    image_embeds = self.encode_image(pixel_values, deterministic)
+    _, image_feats = self.image_features(image_embeds, deterministic)
+    _, text_feat = self.text_features(input_ids, attention_mask, deterministic)
+    return dict(
+        image_embeds=image_embeds,
+        image_feats=image_feats,
+        text_feat=text_feat,
+        itm_logits=self.itm_logits(image_embeds, input_ids, attention_mask, deterministic),
+        itg_logits=self.itg_logits(image_embeds, input_ids, attention_mask, deterministic),
+        temp=self.temperature(),
+    )
