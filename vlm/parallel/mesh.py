@@ -141,22 +141,30 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec())
 
 
-def check_param_divisibility(abstract_params, shardings) -> None:
-  """Raises ValueError naming every parameter whose sharded dims do not divide evenly."""
-  bad = []
-  flat_p = jax.tree_util.tree_flatten_with_path(abstract_params)[0]
-  flat_s = jax.tree_util.tree_leaves(shardings, is_leaf=lambda x: isinstance(x, NamedSharding))
-  for (path, leaf), sh in zip(flat_p, flat_s):
-    for dim, axes in zip(leaf.shape, sh.spec):
+def fit_shardings(abstract_params, shardings, log_fn=None):
+  """Replicates every parameter dim whose size does not split over its mesh axes.
+
+  E.g. BLIP-2's 30,523-row vocabulary cannot split over ``tensor=2``; that dim is then replicated
+  (and reported through ``log_fn``) instead of failing at compile time.
+  Returns the adjusted NamedSharding tree.
+  """
+  def fix(path, leaf, sh):
+    spec = list(sh.spec) + [None] * (leaf.ndim - len(sh.spec))
+    changed = False
+    for i, (dim, axes) in enumerate(zip(leaf.shape, spec)):
       if axes is None:
         continue
       names = axes if isinstance(axes, tuple) else (axes,)
       n = math.prod(sh.mesh.shape[a] for a in names)
       if dim % n:
-        bad.append(f"{jax.tree_util.keystr(path)} {leaf.shape} dim {dim} over {names} ({n})")
-  if bad:
-    raise ValueError("parameters that do not split evenly over the mesh (change the mesh or the "
-                     "logical rules):\n  " + "\n  ".join(bad))
+        spec[i] = None
+        changed = True
+    if changed and log_fn is not None:
+      log_fn(f"replicating undividable dims of {jax.tree_util.keystr(path)} {leaf.shape} "
+             f"(spec {sh.spec} -> {PartitionSpec(*spec)})")
+    return NamedSharding(sh.mesh, PartitionSpec(*spec)) if changed else sh
+
+  return jax.tree_util.tree_map_with_path(fix, abstract_params, shardings)
 
 
 def global_batch_from_host(batch: Mapping[str, np.ndarray], mesh: Mesh, rules) -> dict:

@@ -8,6 +8,7 @@ masks and hard negatives that an uninterrupted run would.
 from __future__ import annotations
 
 import functools
+import logging
 from typing import Any, Callable, Mapping
 
 import flax
@@ -61,7 +62,7 @@ def param_shardings(model: nn.Module, init_args: tuple, mesh: Mesh, rules) -> tu
   specs = nn.get_partition_spec(abstract)
   shardings = nn.logical_to_mesh_sharding(specs, mesh, rules)
   unboxed = nn.unbox(abstract)
-  mesh_lib.check_param_divisibility(unboxed, shardings)
+  shardings = mesh_lib.fit_shardings(unboxed, shardings, log_fn=logging.getLogger("vlm").info)
   return unboxed, shardings
 
 
