@@ -22,7 +22,9 @@ def default_blip2_data_config() -> ml_collections.ConfigDict:
     validate_images: ``"decode"`` (fully decode every image once at build time: exact bad-sample
       counts) or ``"header"`` (Pillow open + ``verify()`` only: faster on full COCO; images that
       still fail at load time are replaced by the next good record and counted in the worker).
-    worker_count: grain worker processes (0: load in the training process, deterministic on CPU).
+    worker_count: grain worker processes (0: load in the training process). Any fixed value is
+      deterministic, but batch composition depends on it (each worker batches its own
+      interleaved records) and a saved iterator state only restores with the same value.
     worker_buffer_size: batches prefetched per grain worker.
   """
   cfg = ml_collections.ConfigDict()

@@ -296,6 +296,12 @@ def build_blip2_train_loader(
       max_words=max_words,
       on_bad_sample=on_bad_sample,
       source=kept_source)
+  worker_count = int(_get(data_cfg, "worker_count", 0))
+  if worker_count > 0:
+    # grain's worker processes read absl flags; outside absl.app.run they are unparsed.
+    from absl import flags  # pylint: disable=g-import-not-at-top
+    if not flags.FLAGS.is_parsed():
+      flags.FLAGS.mark_as_parsed()
   shard_options = grain.sharding.ShardOptions(
       shard_index=process_index, shard_count=process_count, drop_remainder=True)
   sampler = grain.samplers.IndexSampler(
@@ -306,7 +312,7 @@ def build_blip2_train_loader(
       process_count=process_count,
       data_source=kept_source, sampler=sampler,
       operations=[transform, grain.transforms.Batch(per_process, drop_remainder=True)],
-      worker_count=int(_get(data_cfg, "worker_count", 0)),
+      worker_count=worker_count,
       worker_buffer_size=int(_get(data_cfg, "worker_buffer_size", 1)),
       shard_options=shard_options)
 
