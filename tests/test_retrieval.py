@@ -24,7 +24,7 @@ def test_recall_hand_case():
   # caption 2 -> order 1,0,2 (0.6 > 0.3 = 0.3: tie between images 0 and 2, lower index first) -> 0;
   # caption 3 -> order 0,2,1 (0.2 = 0.2 tie, lower index first) -> GT 2 at rank 1.
   # t2i ranks [2, 0, 0, 1]: R@1 = 2/4, R@5 = R@10 = 4/4.
-  r = retrieval.recall_at_k(SCORES, IMG2TXT, TXT2IMG)
+  r = retrieval.recall_at_k(SCORES, None, IMG2TXT, TXT2IMG)
   assert r["i2t_r1"] == pytest.approx(100 / 3)
   assert r["i2t_r5"] == pytest.approx(100.0) and r["i2t_r10"] == pytest.approx(100.0)
   assert r["t2i_r1"] == pytest.approx(50.0)
@@ -32,16 +32,17 @@ def test_recall_hand_case():
   i2t_mean = (100 / 3 + 200) / 3
   t2i_mean = (50 + 200) / 3
   assert r["i2t_mean"] == pytest.approx(i2t_mean) and r["t2i_mean"] == pytest.approx(t2i_mean)
-  assert r["mean"] == pytest.approx((i2t_mean + t2i_mean) / 2)
+  assert r["r_mean"] == r["mean"] == pytest.approx((i2t_mean + t2i_mean) / 2)
 
 
 def test_recall_padded_img2txt_and_separate_t2i():
   padded = np.array([[0, 1], [2, -1], [3, -1]])
-  assert retrieval.recall_at_k(SCORES, padded, TXT2IMG) == retrieval.recall_at_k(SCORES, IMG2TXT, TXT2IMG)
+  assert (retrieval.recall_at_k(SCORES, None, padded, TXT2IMG)
+          == retrieval.recall_at_k(SCORES, None, IMG2TXT, TXT2IMG))
   # A separate t2i matrix that ranks every caption's image first.
   t2i = np.zeros((4, 3))
   t2i[np.arange(4), TXT2IMG] = 1.0
-  r = retrieval.recall_at_k(SCORES, IMG2TXT, TXT2IMG, scores_t2i=t2i, chunk=1)
+  r = retrieval.recall_at_k(SCORES, t2i, IMG2TXT, TXT2IMG, chunk=1)
   assert r["t2i_r1"] == pytest.approx(100.0) and r["i2t_r1"] == pytest.approx(100 / 3)
 
 
@@ -67,20 +68,20 @@ def test_recall_random_vs_loops():
   img2txt = [np.flatnonzero(txt2img == i).tolist() for i in range(n_img)]
   scores = rng.normal(size=(n_img, len(txt2img)))
   ref = _lavis_style_recall(scores, scores.T, img2txt, txt2img)
-  got = retrieval.recall_at_k(scores, img2txt, txt2img, chunk=5)
+  got = retrieval.recall_at_k(scores, scores.T, img2txt, txt2img, chunk=5)
   for key, v in ref.items():
     assert got[key] == pytest.approx(v), key
 
 
 def test_recall_errors():
   with pytest.raises(ValueError, match="no ground-truth"):
-    retrieval.recall_at_k(SCORES, [[0, 1], [], [3]], TXT2IMG)
+    retrieval.recall_at_k(SCORES, None, [[0, 1], [], [3]], TXT2IMG)
   with pytest.raises(ValueError, match="outside"):
-    retrieval.recall_at_k(SCORES, [[0, 9], [2], [3]], TXT2IMG)
+    retrieval.recall_at_k(SCORES, None, [[0, 9], [2], [3]], TXT2IMG)
   with pytest.raises(ValueError, match="txt2img"):
-    retrieval.recall_at_k(SCORES, IMG2TXT, [0, 0, 1])
+    retrieval.recall_at_k(SCORES, None, IMG2TXT, [0, 0, 1])
   with pytest.raises(ValueError, match="img2txt has"):
-    retrieval.recall_at_k(SCORES, IMG2TXT[:2], TXT2IMG)
+    retrieval.recall_at_k(SCORES, None, IMG2TXT[:2], TXT2IMG)
 
 
 def test_chance_recall_exact_enumeration():
@@ -114,7 +115,7 @@ def test_chance_recall_monte_carlo():
   acc = {}
   trials = 200
   for _ in range(trials):
-    r = retrieval.recall_at_k(rng.random((n_img, n_img * per)), img2txt, txt2img)
+    r = retrieval.recall_at_k(rng.random((n_img, n_img * per)), None, img2txt, txt2img)
     for key, v in r.items():
       acc[key] = acc.get(key, 0.0) + v / trials
   exact = retrieval.chance_recall(n_img, n_img * per, img2txt)

@@ -33,7 +33,7 @@ def _ragged(img2txt, n_img: int | None = None, n_txt: int | None = None) -> list
 
 
 def _ranks_of(scores: np.ndarray, gt: np.ndarray) -> np.ndarray:
-  """0-based rank of column ``gt`` within each row of ``scores`` (descending, ties: lower index first)."""
+  """0-based rank of column ``gt[r]`` in row ``r`` of ``scores`` (descending, ties: lower index)."""
   s_gt = scores[np.arange(scores.shape[0]), gt][:, None]
   cols = np.arange(scores.shape[1])[None, :]
   better = (scores > s_gt) | ((scores == s_gt) & (cols < gt[:, None]))
@@ -47,11 +47,11 @@ def _summary(i2t_ranks: np.ndarray, t2i_ranks: np.ndarray, ks=KS) -> dict[str, f
     for k, v in zip(ks, vals):
       out[f"{name}_r{k}"] = v
     out[f"{name}_mean"] = float(np.mean(vals))
-  out["mean"] = (out["i2t_mean"] + out["t2i_mean"]) / 2.0
+  out["r_mean"] = out["mean"] = (out["i2t_mean"] + out["t2i_mean"]) / 2.0
   return out
 
 
-def recall_at_k(scores_i2t, img2txt, txt2img, scores_t2i=None, *, chunk: int = 256) -> dict[str, float]:
+def recall_at_k(scores_i2t, scores_t2i, img2txt, txt2img, *, chunk: int = 256) -> dict[str, float]:
   """Retrieval recall@{1,5,10} in percent, LAVIS ``_report_metrics`` semantics.
 
   i2t: an image is a hit at K if ANY of its ground-truth captions ranks within the top K (its rank
@@ -61,15 +61,16 @@ def recall_at_k(scores_i2t, img2txt, txt2img, scores_t2i=None, *, chunk: int = 2
 
   Args:
     scores_i2t: [N_img, N_txt] float scores (higher = better match).
+    scores_t2i: [N_txt, N_img] float scores, or None for ``scores_i2t.T`` (they differ after
+      re-ranking, see :func:`rerank_top_k`).
     img2txt: ``N_img`` sequences of ground-truth caption indices (ragged), or an [N_img, G] int
       array padded with negative values.
     txt2img: [N_txt] int, image index of each caption.
-    scores_t2i: optional [N_txt, N_img]; defaults to ``scores_i2t.T`` (differs after re-ranking,
-      see :func:`rerank_top_k`).
     chunk: rows processed at once (memory bound).
   Returns:
-    dict with ``i2t_r1, i2t_r5, i2t_r10, i2t_mean, t2i_r1, t2i_r5, t2i_r10, t2i_mean, mean``
-    (floats in percent; ``*_mean`` = mean of the three recalls, ``mean`` = LAVIS ``r_mean``).
+    dict with ``i2t_r1, i2t_r5, i2t_r10, i2t_mean, t2i_r1, t2i_r5, t2i_r10, t2i_mean, r_mean,
+    mean`` (floats in percent; ``*_mean`` = mean of the three recalls; ``r_mean`` (LAVIS name) and
+    its alias ``mean`` = ``(i2t_mean + t2i_mean) / 2``).
   Raises:
     ValueError: on shape mismatches or out-of-range / missing ground truth.
   """
@@ -79,7 +80,8 @@ def recall_at_k(scores_i2t, img2txt, txt2img, scores_t2i=None, *, chunk: int = 2
   n_img, n_txt = scores_i2t.shape
   scores_t2i = scores_i2t.T if scores_t2i is None else np.asarray(scores_t2i)
   if scores_t2i.shape != (n_txt, n_img):
-    raise ValueError(f"scores_t2i must be [N_txt, N_img] = {(n_txt, n_img)}, got {scores_t2i.shape}")
+    raise ValueError(f"scores_t2i must be [N_txt, N_img] = {(n_txt, n_img)}, got "
+                     f"{scores_t2i.shape}")
   rows = _ragged(img2txt, n_img, n_txt)
   txt2img = np.asarray(txt2img, dtype=np.int64).reshape(-1)
   if txt2img.shape != (n_txt,) or txt2img.min() < 0 or txt2img.max() >= n_img:
@@ -102,7 +104,9 @@ def recall_at_k(scores_i2t, img2txt, txt2img, scores_t2i=None, *, chunk: int = 2
 
 
 def chance_recall(n_img: int, n_txt: int, img2txt) -> dict[str, float]:
-  """Expected recall@{1,5,10} (percent) of a uniformly random ranking, same keys as :func:`recall_at_k`.
+  """Expected recall@{1,5,10} (percent) of a uniformly random ranking.
+
+  Same keys as :func:`recall_at_k`.
 
   i2t: an image with ``g`` ground-truth captions is a hit at K with probability
   ``1 - C(n_txt - g, K) / C(n_txt, K) = 1 - prod_{t<g} (n_txt - K - t) / (n_txt - t)``, averaged
@@ -134,7 +138,7 @@ def chance_recall(n_img: int, n_txt: int, img2txt) -> dict[str, float]:
     for k, v in zip(KS, vals):
       out[f"{name}_r{k}"] = v
     out[f"{name}_mean"] = float(np.mean(vals))
-  out["mean"] = (out["i2t_mean"] + out["t2i_mean"]) / 2.0
+  out["r_mean"] = out["mean"] = (out["i2t_mean"] + out["t2i_mean"]) / 2.0
   return out
 
 

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 
 
 def _negative_logits(sim, positive):
-  """Logits for sampling negatives: positives -> -inf; rows without a negative -> uniform over j != i."""
+  """Sampling logits: positives -> -inf; a row with no negative -> uniform over j != i."""
   b = sim.shape[0]
   not_self = ~jnp.eye(b, dtype=bool)
   logits = jnp.where(positive, -jnp.inf, sim.astype(jnp.float32))

@@ -80,7 +80,8 @@ def itg_loss(logits, input_ids, attention_mask, label_smoothing: float = 0.1):
     ValueError: on mismatched shapes.
   Source: spec section 3.4; LAVIS ``Qformer.py`` ``BertLMHeadModel.forward``.
   """
-  if logits.ndim != 3 or input_ids.shape != logits.shape[:2] or attention_mask.shape != input_ids.shape:
+  if (logits.ndim != 3 or input_ids.shape != logits.shape[:2]
+      or attention_mask.shape != input_ids.shape):
     raise ValueError(f"itg_loss expects logits [B, T, V], input_ids and attention_mask [B, T]; got "
                      f"{logits.shape}, {input_ids.shape}, {attention_mask.shape}")
   return cross_entropy_with_label_smoothing(
