@@ -3,8 +3,12 @@
 References: HF ``Blip2QFormerModel``, ``Blip2ForImageTextRetrieval`` (ITM and ITC),
 ``Blip2TextModelWithProjection``, ``Blip2VisionModelWithProjection``. Weights go HF ->
 ``save_pretrained`` -> :func:`vlm.convert.hf_blip2.load_hf_blip2`, so the converter is tested too.
+
+Every vlm output is computed by one jitted function (one XLA compile for the whole file); the
+tests then compare its pieces with HF. Reported errors are max abs differences.
 """
 import dataclasses
+import functools
 
 import flax
 import jax
@@ -17,9 +21,10 @@ import transformers
 from tests.equivalence import blip2_hf_utils as U
 from vlm.convert.hf_blip2 import load_hf_blip2
 from vlm.models.blip2 import Blip2Stage1, itg_attention_mask
-from vlm.models.qformer import Blip2TextEmbeddings, QFormerModel
+from vlm.models.qformer import QFormerModel
 
 TOL = 1e-5
+Q = U.NUM_QUERIES
 
 
 @pytest.fixture(scope="module")
@@ -37,147 +42,144 @@ def ours(hf_dir):
   return Blip2Stage1(config), config, params
 
 
-def _image_embeds(model, pixels):
-  with torch.no_grad():
-    return model.vision_model(pixel_values=torch.from_numpy(pixels)).last_hidden_state
-
-
-def _qformer_apply(config, params, *args):
-  return QFormerModel(config.qformer).apply({"params": params["qformer"]}, *args)
-
-
-def test_vision_tower_matches(hf_dir, ours):
+@pytest.fixture(scope="module")
+def data(hf_dir):
   model, _ = hf_dir
-  m, _, params = ours
-  pixels, _, _ = U.inputs()
-  ref = _image_embeds(model, pixels).numpy()
-  got = m.apply({"params": params}, U.nhwc(pixels), method=Blip2Stage1.encode_image)
-  assert U.max_abs(got, ref) <= TOL
-
-
-def test_qformer_query_only(hf_dir, ours):
-  model, _ = hf_dir
-  _, config, params = ours
-  pixels, _, _ = U.inputs()
-  img = _image_embeds(model, pixels)
-  q = model.query_tokens.expand(img.shape[0], -1, -1)
-  with torch.no_grad():
-    ref = model.qformer(query_embeds=q, encoder_hidden_states=img).last_hidden_state.numpy()
-  queries = np.broadcast_to(params["query_tokens"], ref.shape)
-  got = _qformer_apply(config, params, jnp.asarray(queries), U.NUM_QUERIES, None,
-                       jnp.asarray(img.numpy()))
-  assert U.max_abs(got, ref) <= TOL
-
-
-def _embeddings(config, params, ids, queries=None):
-  return Blip2TextEmbeddings(config.qformer).apply({"params": params["embeddings"]},
-                                                   jnp.asarray(ids), queries)
-
-
-def test_qformer_queries_and_padded_text(hf_dir, ours):
-  model, _ = hf_dir
-  _, config, params = ours
   pixels, ids, mask = U.inputs()
-  img = _image_embeds(model, pixels)
-  q = model.query_tokens.expand(img.shape[0], -1, -1)
-  full_mask = np.concatenate([np.ones((2, U.NUM_QUERIES), np.int64), mask], axis=1)
   with torch.no_grad():
-    emb_ref = model.embeddings(input_ids=torch.from_numpy(ids), query_embeds=q)
-    ref = model.qformer(query_embeds=emb_ref, query_length=U.NUM_QUERIES,
-                        attention_mask=torch.from_numpy(full_mask),
-                        encoder_hidden_states=img).last_hidden_state.numpy()
-  emb = _embeddings(config, params, ids, jnp.broadcast_to(params["query_tokens"], q.shape))
-  assert U.max_abs(emb, emb_ref.numpy()) <= TOL
-  got = _qformer_apply(config, params, emb, U.NUM_QUERIES, jnp.asarray(full_mask),
-                       jnp.asarray(img.numpy()))
-  assert U.max_abs(got, ref) <= TOL
+    img = model.vision_model(pixel_values=torch.from_numpy(pixels)).last_hidden_state.numpy()
+  changed = ids.copy()
+  changed[:, 4:] = (changed[:, 4:] + 1) % U.VOCAB
+  return dict(pixels=pixels, ids=ids, mask=mask, img=img, changed=changed)
 
 
-def test_qformer_text_only_padded(hf_dir, ours):
+def _all_outputs(module: Blip2Stage1, pixels, ids, mask, img, changed):
+  """Every vlm quantity the tests compare, from one traced function (run via ``apply``)."""
+  b = ids.shape[0]
+  queries = jnp.broadcast_to(module.query_tokens, (b,) + module.query_tokens.shape[1:])
+  full_mask = jnp.concatenate([jnp.ones((b, Q), mask.dtype), mask], axis=1)
+  itg_mask = itg_attention_mask(mask, Q)
+  emb_qt = module.embeddings(ids, queries)
+  emb_t = module.embeddings(ids)
+  image_embeds = module.encode_image(pixels)
+  text_out, text_feat = module.text_features(ids, mask)
+  _, image_feats = module.image_features(image_embeds)
+  return dict(
+      encode_image=image_embeds,
+      emb_qt=emb_qt,
+      emb_t=emb_t,
+      qformer_query_only=module.qformer(queries, Q, None, img),
+      qformer_query_text=module.qformer(emb_qt, Q, full_mask, img),
+      qformer_text_only=module.qformer(emb_t, 0, mask),
+      qformer_itg=module.qformer(emb_qt, Q, itg_mask, img),
+      itg_mask=itg_mask,
+      itm=module.itm_logits(image_embeds, ids, mask),
+      image_feats=image_feats,
+      text_out=text_out,
+      text_feat=text_feat,
+      itg_logits=module.itg_logits(img, ids, jnp.ones_like(mask)),
+      itg_logits_changed=module.itg_logits(img, changed, jnp.ones_like(mask)),
+  )
+
+
+@pytest.fixture(scope="module")
+def out(ours, data):
+  m, _, params = ours
+  fn = jax.jit(functools.partial(m.apply, method=_all_outputs))
+  res = fn({"params": params}, U.nhwc(data["pixels"]), jnp.asarray(data["ids"]),
+           jnp.asarray(data["mask"]), jnp.asarray(data["img"]), jnp.asarray(data["changed"]))
+  return jax.tree_util.tree_map(np.asarray, res)
+
+
+def _t(x):
+  return torch.from_numpy(np.asarray(x))
+
+
+def test_vision_tower_matches(data, out):
+  assert U.max_abs(out["encode_image"], data["img"]) <= TOL
+
+
+def test_qformer_query_only(hf_dir, data, out):
   model, _ = hf_dir
-  _, config, params = ours
-  _, ids, mask = U.inputs()
+  q = model.query_tokens.expand(2, -1, -1)
   with torch.no_grad():
-    emb_ref = model.embeddings(input_ids=torch.from_numpy(ids))
-    ref = model.qformer(query_embeds=emb_ref, query_length=0,
-                        attention_mask=torch.from_numpy(mask)).last_hidden_state.numpy()
-  got = _qformer_apply(config, params, _embeddings(config, params, ids), 0, jnp.asarray(mask))
-  assert U.max_abs(got, ref) <= TOL
+    ref = model.qformer(query_embeds=q, encoder_hidden_states=_t(data["img"])).last_hidden_state
+  assert U.max_abs(out["qformer_query_only"], ref) <= TOL
 
 
-def test_qformer_full_itg_mask(hf_dir, ours):
+def test_qformer_queries_and_padded_text(hf_dir, data, out):
+  model, _ = hf_dir
+  q = model.query_tokens.expand(2, -1, -1)
+  full_mask = np.concatenate([np.ones((2, Q), np.int64), data["mask"]], axis=1)
+  with torch.no_grad():
+    emb = model.embeddings(input_ids=_t(data["ids"]), query_embeds=q)
+    ref = model.qformer(query_embeds=emb, query_length=Q, attention_mask=_t(full_mask),
+                        encoder_hidden_states=_t(data["img"])).last_hidden_state
+  assert U.max_abs(out["emb_qt"], emb) <= TOL
+  assert U.max_abs(out["qformer_query_text"], ref) <= TOL
+
+
+def test_qformer_text_only_padded(hf_dir, data, out):
+  model, _ = hf_dir
+  with torch.no_grad():
+    emb = model.embeddings(input_ids=_t(data["ids"]))
+    ref = model.qformer(query_embeds=emb, query_length=0,
+                        attention_mask=_t(data["mask"])).last_hidden_state
+  assert U.max_abs(out["emb_t"], emb) <= TOL
+  assert U.max_abs(out["qformer_text_only"], ref) <= TOL
+
+
+def test_qformer_full_itg_mask(hf_dir, data, out):
   """The [B,L,L] UniLM mask path against HF's 3-D attention_mask."""
   model, _ = hf_dir
-  _, config, params = ours
-  pixels, ids, mask = U.inputs()
-  img = _image_embeds(model, pixels)
-  q = model.query_tokens.expand(img.shape[0], -1, -1)
-  mask3 = np.asarray(itg_attention_mask(jnp.asarray(mask), U.NUM_QUERIES))
+  q = model.query_tokens.expand(2, -1, -1)
+  mask3 = out["itg_mask"].astype(np.float32)
+  # Spec section 2.4: queries see only queries; text t sees all queries and text <= t (non-pad).
+  assert mask3[0, :Q, Q:].sum() == 0 and mask3[0, Q:, :Q].min() == 1
+  assert mask3[0, Q + 1, Q + 2] == 0 and mask3[0, Q + 2, Q + 1] == 1
+  assert mask3[1, -1, -1] == 0  # padded key of row 1
   with torch.no_grad():
-    emb_ref = model.embeddings(input_ids=torch.from_numpy(ids), query_embeds=q)
-    ref = model.qformer(query_embeds=emb_ref, query_length=U.NUM_QUERIES,
-                        attention_mask=torch.from_numpy(mask3.astype(np.float32)),
-                        encoder_hidden_states=img).last_hidden_state.numpy()
-  emb = _embeddings(config, params, ids, jnp.broadcast_to(params["query_tokens"], q.shape))
-  got = _qformer_apply(config, params, emb, U.NUM_QUERIES, jnp.asarray(mask3),
-                       jnp.asarray(img.numpy()))
-  assert U.max_abs(got, ref) <= TOL
+    emb = model.embeddings(input_ids=_t(data["ids"]), query_embeds=q)
+    ref = model.qformer(query_embeds=emb, query_length=Q, attention_mask=_t(mask3),
+                        encoder_hidden_states=_t(data["img"])).last_hidden_state
+  assert U.max_abs(out["qformer_itg"], ref) <= TOL
 
 
-def test_itm_logits(hf_dir, ours):
+def test_itm_logits(hf_dir, data, out):
   model, _ = hf_dir
-  m, _, params = ours
-  pixels, ids, mask = U.inputs()
   with torch.no_grad():
-    ref = model(pixel_values=torch.from_numpy(pixels), input_ids=torch.from_numpy(ids),
-                attention_mask=torch.from_numpy(mask),
-                use_image_text_matching_head=True).logits_per_image.numpy()
-  v = {"params": params}
-  img = m.apply(v, U.nhwc(pixels), method=Blip2Stage1.encode_image)
-  got = m.apply(v, img, jnp.asarray(ids), jnp.asarray(mask), method=Blip2Stage1.itm_logits)
-  assert got.shape == (2, 2)
-  assert U.max_abs(got, ref) <= TOL
+    ref = model(pixel_values=_t(data["pixels"]), input_ids=_t(data["ids"]),
+                attention_mask=_t(data["mask"]), use_image_text_matching_head=True)
+  assert out["itm"].shape == (2, 2)
+  assert U.max_abs(out["itm"], ref.logits_per_image) <= TOL
 
 
-def test_itc_features_and_similarity(hf_dir, ours):
+def test_itc_features_and_similarity(hf_dir, data, out):
   model, _ = hf_dir
-  m, _, params = ours
-  pixels, ids, mask = U.inputs(batch=2)
   with torch.no_grad():
-    out = model(pixel_values=torch.from_numpy(pixels), input_ids=torch.from_numpy(ids),
-                attention_mask=torch.from_numpy(mask), use_image_text_matching_head=False)
-  v = {"params": params}
-  img = m.apply(v, U.nhwc(pixels), method=Blip2Stage1.encode_image)
-  _, image_feats = m.apply(v, img, method=Blip2Stage1.image_features)
-  _, text_feat = m.apply(v, jnp.asarray(ids), jnp.asarray(mask), method=Blip2Stage1.text_features)
-  assert U.max_abs(image_feats, out.image_embeds.numpy()) <= TOL
-  assert U.max_abs(text_feat, out.text_embeds.numpy()) <= TOL
-  sim = jnp.max(jnp.einsum("bqe,te->bqt", image_feats, text_feat), axis=1)
-  assert U.max_abs(sim, out.logits_per_image.numpy()) <= TOL
-  np.testing.assert_allclose(np.linalg.norm(np.asarray(image_feats), axis=-1), 1.0, atol=1e-6)
+    ref = model(pixel_values=_t(data["pixels"]), input_ids=_t(data["ids"]),
+                attention_mask=_t(data["mask"]), use_image_text_matching_head=False)
+  assert U.max_abs(out["image_feats"], ref.image_embeds) <= TOL
+  assert U.max_abs(out["text_feat"], ref.text_embeds) <= TOL
+  sim = np.max(np.einsum("bqe,te->bqt", out["image_feats"], out["text_feat"]), axis=1)
+  assert U.max_abs(sim, ref.logits_per_image) <= TOL
+  np.testing.assert_allclose(np.linalg.norm(out["image_feats"], axis=-1), 1.0, atol=1e-6)
 
 
-def test_text_and_vision_models_with_projection(hf_dir, ours):
-  model, path = hf_dir
-  m, _, params = ours
-  pixels, ids, mask = U.inputs()
+def test_text_and_vision_models_with_projection(hf_dir, ours, data, out):
+  _, path = hf_dir
+  _, _, params = ours
   text_model = transformers.Blip2TextModelWithProjection.from_pretrained(path).eval()
   vision_model = transformers.Blip2VisionModelWithProjection.from_pretrained(path).eval()
   with torch.no_grad():
-    t_ref = text_model(input_ids=torch.from_numpy(ids),
-                       attention_mask=torch.from_numpy(mask)).text_embeds.numpy()
-    i_ref = vision_model(pixel_values=torch.from_numpy(pixels)).image_embeds.numpy()
-  v = {"params": params}
-  text_out, text_feat = m.apply(v, jnp.asarray(ids), jnp.asarray(mask),
-                                method=Blip2Stage1.text_features)
+    t_ref = text_model(input_ids=_t(data["ids"]), attention_mask=_t(data["mask"])).text_embeds
+    i_ref = vision_model(pixel_values=_t(data["pixels"])).image_embeds
   proj = params["text_projection"]
-  all_pos = np.asarray(text_out) @ proj["kernel"] + proj["bias"]
+  all_pos = out["text_out"] @ proj["kernel"] + proj["bias"]
   all_pos /= np.maximum(np.linalg.norm(all_pos, axis=-1, keepdims=True), 1e-12)
   assert U.max_abs(all_pos, t_ref) <= TOL
-  assert U.max_abs(text_feat, t_ref[:, 0]) <= TOL
-  img = m.apply(v, U.nhwc(pixels), method=Blip2Stage1.encode_image)
-  _, image_feats = m.apply(v, img, method=Blip2Stage1.image_features)
-  assert U.max_abs(image_feats, i_ref) <= TOL
+  assert U.max_abs(out["text_feat"], t_ref[:, 0]) <= TOL
+  assert U.max_abs(out["image_feats"], i_ref) <= TOL
 
 
 def test_sharded_checkpoint_loads_identically(hf_dir, ours, tmp_path):
@@ -194,57 +196,53 @@ def test_sharded_checkpoint_loads_identically(hf_dir, ours, tmp_path):
     np.testing.assert_array_equal(flat1[k], flat2[k], err_msg="/".join(k))
 
 
-def test_itg_queries_never_see_text(ours):
+def test_itg_queries_never_see_text(out):
   """One-pass ITG = query-only pass on the query positions (spec section 3.4)."""
+  assert U.max_abs(out["qformer_itg"][:, :Q], out["qformer_query_only"]) <= TOL
+
+
+def test_itg_logits_are_causal(ours, data, out):
+  _, config, _ = ours
+  logits, changed = out["itg_logits"], out["itg_logits_changed"]
+  assert logits.shape == data["ids"].shape + (config.qformer.vocab_size,)
+  assert U.max_abs(logits[:, :4], changed[:, :4]) == 0.0
+  assert U.max_abs(logits[:, 4:], changed[:, 4:]) > 1e-3
+
+
+def test_dropout_active_only_when_not_deterministic(ours, data):
+  """Dropout on a 1-layer text-only Q-Former (a prefix of the loaded params)."""
   _, config, params = ours
-  rng = np.random.default_rng(1)
-  img = jnp.asarray(rng.standard_normal((2, 5, config.vision.hidden_size)), jnp.float32)
-  _, ids, mask = U.inputs(seed=1)
-  queries = jnp.broadcast_to(params["query_tokens"], (2,) + params["query_tokens"].shape[1:])
-  q = U.NUM_QUERIES
-  itg = _qformer_apply(config, params, _embeddings(config, params, ids, queries), q,
-                       itg_attention_mask(jnp.asarray(mask), q), img)
-  query_only = _qformer_apply(config, params, queries, q, None, img)
-  assert U.max_abs(itg[:, :q], query_only) <= TOL
+  cfg = dataclasses.replace(config.qformer, num_hidden_layers=1)
+  qparams = {"layernorm": params["qformer"]["layernorm"],
+             "encoder": {"layer_0": params["qformer"]["encoder"]["layer_0"]}}
+  x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 7, cfg.hidden_size)), jnp.float32)
 
+  @jax.jit
+  def run(key):
+    apply = QFormerModel(cfg).apply
+    v = {"params": qparams}
+    return (apply(v, x, 0, None, None, True),
+            apply(v, x, 0, None, None, False, rngs={"dropout": key}),
+            apply(v, x, 0, None, None, False, rngs={"dropout": key}))
 
-def test_itg_logits_are_causal(ours):
-  m, config, params = ours
-  rng = np.random.default_rng(2)
-  img = jnp.asarray(rng.standard_normal((2, 5, config.vision.hidden_size)), jnp.float32)
-  _, ids, mask = U.inputs(seed=2)
-  mask = np.ones_like(mask)
-  v = {"params": params}
-  logits = m.apply(v, img, jnp.asarray(ids), jnp.asarray(mask), method=Blip2Stage1.itg_logits)
-  assert logits.shape == ids.shape + (config.qformer.vocab_size,)
-  changed = ids.copy()
-  changed[:, 4:] = (changed[:, 4:] + 1) % U.VOCAB
-  logits2 = m.apply(v, img, jnp.asarray(changed), jnp.asarray(mask),
-                    method=Blip2Stage1.itg_logits)
-  assert U.max_abs(logits[:, :4], logits2[:, :4]) == 0.0
-  assert U.max_abs(logits[:, 4:], logits2[:, 4:]) > 1e-3
-
-
-def test_dropout_active_only_when_not_deterministic(ours):
-  m, _, params = ours
-  _, ids, mask = U.inputs()
-  v = {"params": params}
-  det = m.apply(v, jnp.asarray(ids), jnp.asarray(mask), method=Blip2Stage1.text_features)[0]
-  run = lambda seed: m.apply(v, jnp.asarray(ids), jnp.asarray(mask), False,
-                             method=Blip2Stage1.text_features,
-                             rngs={"dropout": jax.random.PRNGKey(seed)})[0]
-  assert U.max_abs(run(0), det) > 1e-3
-  assert U.max_abs(run(0), run(0)) == 0.0
+  det, drop1, drop2 = run(jax.random.PRNGKey(0))
+  assert U.max_abs(drop1, det) > 1e-3
+  assert U.max_abs(drop1, drop2) == 0.0
 
 
 def test_stage2_qformer_has_no_text_ffn(ours):
   _, config, _ = ours
   qcfg = dataclasses.replace(config.qformer, use_qformer_text_input=False)
   model = QFormerModel(qcfg)
-  x = jnp.zeros((1, 3, qcfg.hidden_size))
   img = jnp.zeros((1, 5, qcfg.encoder_hidden_size))
-  variables = model.init(jax.random.PRNGKey(0), x, 3, None, img)
-  assert set(variables["params"]["encoder"]["layer_0"]) == {"attention", "crossattention",
-                                                           "intermediate_query", "output_query"}
+  shapes = jax.eval_shape(functools.partial(model.init, query_length=3), jax.random.PRNGKey(0),
+                          jnp.zeros((1, 3, qcfg.hidden_size)), attention_mask=None,
+                          encoder_hidden_states=img)
+  assert set(shapes["params"]["encoder"]["layer_0"]) == {"attention", "crossattention",
+                                                        "intermediate_query", "output_query"}
+  assert set(shapes["params"]["encoder"]["layer_1"]) == {"attention", "intermediate_query",
+                                                        "output_query"}
   with pytest.raises(ValueError, match="use_qformer_text_input"):
-    model.apply(variables, jnp.zeros((1, 5, qcfg.hidden_size)), 3, None, img)
+    jax.eval_shape(functools.partial(model.apply, query_length=3), shapes,
+                   jnp.zeros((1, 5, qcfg.hidden_size)), attention_mask=None,
+                   encoder_hidden_states=img)
