@@ -4,9 +4,9 @@ Math: BLIP-2 spec sections 2.2-2.4 (/work/shared/design/blip2_spec.md); referenc
 HF ``transformers/models/blip_2/modeling_blip_2.py`` (``Blip2QFormerModel``, ``Blip2QFormerLayer``,
 ``Blip2TextEmbeddings``) and LAVIS ``lavis/models/blip2_models/Qformer.py``.
 
-Named axes in shapes: ``B`` batch, ``L`` sequence (queries ++ text), ``Q`` queries (``query_length``),
-``T`` text tokens, ``Nv`` image tokens, ``D`` Q-Former width, ``Dv`` image-encoder width,
-``H`` heads, ``Dh`` head dim.
+Named axes in shapes: ``B`` batch, ``L`` sequence (queries ++ text), ``Q`` queries
+(``query_length``), ``T`` text tokens, ``Nv`` image tokens, ``D`` Q-Former width, ``Dv``
+image-encoder width, ``H`` heads, ``Dh`` head dim.
 
 Parameter tree (mirrors HF, see /work/coord/CONTRACT.md)::
 
@@ -14,7 +14,7 @@ Parameter tree (mirrors HF, see /work/coord/CONTRACT.md)::
   encoder/layer_{i}/attention/{attention/{query,key,value}, output/{dense,LayerNorm}}
   encoder/layer_{i}/crossattention/...            (only when i % cross_attention_frequency == 0)
   encoder/layer_{i}/{intermediate_query/dense, output_query/{dense,LayerNorm}}
-  encoder/layer_{i}/{intermediate/dense, output/{dense,LayerNorm}}   (only if use_qformer_text_input)
+  encoder/layer_{i}/{intermediate/dense, output/{dense,LayerNorm}}  (if use_qformer_text_input)
 """
 from __future__ import annotations
 
@@ -37,7 +37,9 @@ def _kernel_init(config: QFormerConfig):
 
 
 class QFormerMultiHeadAttention(nn.Module):
-  """Query/key/value projections and scaled dot-product attention (HF ``Blip2QFormerMultiHeadAttention``).
+  """Query/key/value projections and scaled dot-product attention.
+
+  HF ``Blip2QFormerMultiHeadAttention``.
 
   ``__call__(x [B,Lq,D], kv [B,Lk,Dk] | None, mask bool broadcastable to [B,H,Lq,Lk] | None,
   deterministic) -> [B,Lq,D]`` (heads concatenated, before the output projection). With
@@ -71,7 +73,10 @@ class QFormerMultiHeadAttention(nn.Module):
 
 
 class QFormerSelfOutput(nn.Module):
-  """``LayerNorm(Dropout(dense(h)) + residual)`` (HF ``Blip2QFormerSelfOutput``); [B,L,D] -> [B,L,D]."""
+  """``LayerNorm(Dropout(dense(h)) + residual)``, [B,L,D] -> [B,L,D].
+
+  HF ``Blip2QFormerSelfOutput``.
+  """
   config: QFormerConfig
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
