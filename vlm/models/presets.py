@@ -143,6 +143,14 @@ PRESETS: dict[str, Any] = {
     "blip2_small": _blip2(SMALL_VISION, QFORMER_BASE),
     # 4-block 192-wide ViT-S/16-like tower + MiniLM-sized Q-Former: the CPU default.
     "blip2_tiny": _blip2(TINY_VISION, QFORMER_MINILM),
+    # Smallest working model: end-to-end tests of the loop (32 px images, 8 query tokens).
+    "blip2_micro": Blip2Config(
+        vision=Blip2VisionConfig(image_size=32, patch_size=16, hidden_size=32,
+                                 intermediate_size=64, num_hidden_layers=1,
+                                 num_attention_heads=2),
+        qformer=QFormerConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                              intermediate_size=64, encoder_hidden_size=32),
+        num_query_tokens=8, image_text_hidden_size=16),
     # Tiny tower with a CLIP layout (for tests of the CLIP path).
     "blip2_tiny_clip": _blip2(dataclasses.replace(TINY_VISION, kind="clip", hidden_act="quick_gelu",
                                                   layer_norm_eps=1e-5, post_layernorm_eps=1e-5),

@@ -100,10 +100,17 @@ def resolve_bert_dir(bert_dir: str) -> str:
   return bert_dir
 
 
-def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+def run(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | None = None
+        ) -> dict[str, Any]:
   """Trains per ``config`` in ``workdir``; resumes from the workdir's latest checkpoint.
 
-  Returns a dict with the final step, the last logged metrics and the evaluation results.
+  Args:
+    config: see ``configs/blip2/stage1.py``.
+    workdir: checkpoints, TensorBoard events, ``metrics.jsonl`` and ``eval_results.json``.
+    stop_after: behave as if preempted once this many steps have run in total (tests of
+      preemption and exact resume).
+  Returns a dict with the final ``step``, the last logged ``train_metrics``, ``stopped_by``,
+  ``eval`` results (when run) and the final ``state``.
   Raises:
     ValueError: invalid config, mesh or batch size (before anything compiles).
     NonFiniteLossError: NaN/inf loss (the message names the step).
@@ -181,7 +188,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                                "last good checkpoint is in " + os.path.join(workdir, "checkpoints"))
 
   try:
-    with mesh, nn.logical_axis_rules(rules):
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
       for step in range(start, config.total_steps):
         batch = mesh_lib.global_batch_from_host(batch_np, mesh, rules)
         state, m = step_fn(state, batch, step_rng)
@@ -204,7 +211,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
           window_t0, window_images = time.perf_counter(), 0
         bar.update(1)
         save(done)
-        if preempt.is_set() or manager.reached_preemption(done):
+        if (preempt.is_set() or manager.reached_preemption(done)
+            or (stop_after is not None and done >= stop_after and done < config.total_steps)):
           stopped_by = preempt.signal_name or "preemption"
           check(pending)
           save(done, force=True)
@@ -223,9 +231,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     preempt.restore_handlers()
 
   results: dict[str, Any] = {"step": final_step, "train_metrics": last_logged,
-                             "stopped_by": stopped_by}
+                             "stopped_by": stopped_by, "state": state}
   if stopped_by is None and config.eval.at_end:
-    with mesh, nn.logical_axis_rules(rules):
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
       results["eval"] = evaluators.run_retrieval_evals(model, state.params, config, writer,
                                                        final_step)
     with open(os.path.join(workdir, "eval_results.json"), "w") as f:

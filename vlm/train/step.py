@@ -49,8 +49,8 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], rng: jax.Array
   (_, metrics), grads = jax.value_and_grad(objective, has_aux=True)(trainable)
   updates, opt_state = tx.update(grads, state.opt_state, trainable)
   trainable = optax.apply_updates(trainable, updates)
-  metrics = dict(metrics, grad_norm=optax.global_norm(grads),
-                 param_norm=optax.global_norm(trainable))
+  metrics = dict(metrics, grad_norm=optax.tree.norm(grads),
+                 param_norm=optax.tree.norm(trainable))
   new_state = state.replace(step=state.step + 1, params=optim.merge(trainable, frozen),
                             opt_state=opt_state)
   return new_state, metrics
@@ -90,7 +90,7 @@ def create_train_state(model: nn.Module, init_args: tuple, rng: jax.Array,
   def init_params(key):
     return nn.unbox(model.init(key, *init_args)["params"])
 
-  with mesh:
+  with jax.set_mesh(mesh):
     params = init_params(rng)
   if params_transform is not None:
     params = jax.device_put(params_transform(params), p_shard)
@@ -100,7 +100,7 @@ def create_train_state(model: nn.Module, init_args: tuple, rng: jax.Array,
   def init_opt(p):
     return tx.init(optim.partition(p, mask)[0])
 
-  with mesh:
+  with jax.set_mesh(mesh):
     opt_state = init_opt(params)
   step = jax.device_put(jnp.zeros((), jnp.int32), mesh_lib.replicated(mesh))
   return TrainState(step=step, params=params, opt_state=opt_state), state_shardings, mask
