@@ -27,7 +27,8 @@ FLAGS = flags.FLAGS
 def main(argv):
   del argv
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-  logging.getLogger("absl").setLevel(logging.WARNING)
+  for name in ("absl", "jax._src.xla_bridge", "orbax"):
+    logging.getLogger(name).setLevel(logging.WARNING)
   import jax
   if FLAGS.multihost:
     jax.distributed.initialize()

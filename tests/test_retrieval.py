@@ -139,18 +139,23 @@ def test_rerank_top_k():
     return 10.0 * img_idx + txt_idx                     # deterministic, easy to check
 
   scores_i2t, scores_t2i = retrieval.rerank_top_k(sims, 2, itm_score)
-  assert len(calls) == 1 and calls[0][0].shape == (3 * 2 + 4 * 2,)
+  # One call with the distinct shortlisted pairs: 6 i2t + 8 t2i pairs, 6 of them shared.
+  assert len(calls) == 1
+  got_pairs = set(zip(calls[0][0].tolist(), calls[0][1].tolist()))
+  assert got_pairs == {(0, 0), (0, 1), (0, 2), (1, 1), (1, 2), (1, 3), (2, 0), (2, 3)}
   assert scores_i2t.shape == (3, 4) and scores_t2i.shape == (4, 3)
   top_txt = {0: {0, 2}, 1: {1, 3}, 2: {0, 3}}
   for i in range(3):
     for t in range(4):
-      want = 10.0 * i + t + sims[i, t] if t in top_txt[i] else -100.0
+      want = 10.0 * i + t + sims[i, t] if t in top_txt[i] else sims[i, t] - 1e4
       assert scores_i2t[i, t] == pytest.approx(want), (i, t)
   top_img = {0: {0, 2}, 1: {1, 0}, 2: {0, 1}, 3: {2, 1}}
   for t in range(4):
     for i in range(3):
-      want = 10.0 * i + t + sims[i, t] if i in top_img[t] else -100.0
+      want = 10.0 * i + t + sims[i, t] if i in top_img[t] else sims[i, t] - 1e4
       assert scores_t2i[t, i] == pytest.approx(want), (t, i)
+  # Outside the shortlist the ITC order is kept, below every shortlisted entry.
+  assert scores_i2t[0].argsort()[::-1].tolist()[2:] == [3, 1]
   # k larger than the candidate count scores everything.
   full_i2t, full_t2i = retrieval.rerank_top_k(sims, 128, lambda a, b: np.zeros(len(a)))
   np.testing.assert_allclose(full_i2t, sims)

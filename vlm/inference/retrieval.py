@@ -142,14 +142,22 @@ def chance_recall(n_img: int, n_txt: int, img2txt) -> dict[str, float]:
   return out
 
 
+# Entries outside the ITM shortlist score ``sims - OUTSIDE_OFFSET``: far below any shortlisted
+# ``itm_logit + sims`` (cosines are in [-1, 1] and ITM logits are O(10)).
+OUTSIDE_OFFSET = 1e4
+
+
 def rerank_top_k(sims, k: int,
                  itm_score_fn: Callable[[np.ndarray, np.ndarray], Sequence[float]]):
   """Two-stage retrieval scores: ITC shortlist, re-scored by ITM (LAVIS ``compute_sim_matrix``).
 
-  For each image the top-``k`` texts by ``sims`` get ``itm_score(image, text) + sims[image, text]``,
-  every other entry is -100; symmetrically for each text over images. ``itm_score_fn`` is called
-  ONCE with all shortlisted pairs (i2t pairs first, then t2i pairs); the caller batches the model
-  calls itself.
+  For each image the top-``k`` texts by ``sims`` get ``itm_score(image, text) + sims[image, text]``;
+  symmetrically for each text over images. Every other entry is ``sims - OUTSIDE_OFFSET``: below
+  every shortlisted entry, in ITC order. LAVIS writes -100 there instead, which only matters when
+  ``k`` is smaller than the largest recall@K reported (LAVIS uses k=128 >= 10); keeping the ITC
+  order makes recall@10 meaningful for the small ``k`` of CPU runs and changes nothing otherwise.
+  ``itm_score_fn`` is called ONCE with the distinct shortlisted pairs (a pair shortlisted in both
+  directions is scored once); the caller batches the model calls itself.
 
   Args:
     sims: [N_img, N_txt] float, ITC similarities (raw cosine max over queries, no temperature).
@@ -175,15 +183,17 @@ def rerank_top_k(sims, k: int,
   i2t_txt = top_txt.reshape(-1)
   t2i_txt = np.repeat(np.arange(n_txt), k_i)
   t2i_img = top_img.reshape(-1)
-  image_idx = np.concatenate([i2t_img, t2i_img]).astype(np.int64)
-  text_idx = np.concatenate([i2t_txt, t2i_txt]).astype(np.int64)
+  flat = np.concatenate([i2t_img * n_txt + i2t_txt, t2i_img * n_txt + t2i_txt]).astype(np.int64)
+  pairs, inverse = np.unique(flat, return_inverse=True)
+  image_idx, text_idx = pairs // n_txt, pairs % n_txt
   itm = np.asarray(itm_score_fn(image_idx, text_idx), dtype=np.float32).reshape(-1)
   if itm.shape != image_idx.shape:
     raise ValueError(f"itm_score_fn returned {itm.size} scores for {image_idx.size} pairs; it must "
                      "return one score per (image, text) pair")
+  itm = itm[inverse]
   itm_i2t, itm_t2i = itm[:i2t_img.size], itm[i2t_img.size:]
-  scores_i2t = np.full((n_img, n_txt), -100.0, np.float32)
+  scores_i2t = sims - OUTSIDE_OFFSET
   scores_i2t[i2t_img, i2t_txt] = itm_i2t + sims[i2t_img, i2t_txt]
-  scores_t2i = np.full((n_txt, n_img), -100.0, np.float32)
+  scores_t2i = sims.T - OUTSIDE_OFFSET
   scores_t2i[t2i_txt, t2i_img] = itm_t2i + sims[t2i_img, t2i_txt]
-  return scores_i2t, scores_t2i
+  return scores_i2t.astype(np.float32), scores_t2i.astype(np.float32)

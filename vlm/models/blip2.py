@@ -231,6 +231,16 @@ class Blip2Stage1(nn.Module):
                      encoder_hidden_states=image_embeds, deterministic=deterministic)
     return jnp.mean(self.itm_head(h[:, :q]), axis=1)
 
+  def _itg_pass(self, image_embeds, input_ids, attention_mask, deterministic):
+    attention_mask = self._check_text(input_ids, attention_mask)
+    self._check_pair(image_embeds, input_ids)
+    queries = self._queries(input_ids.shape[0])
+    q = queries.shape[1]
+    mask = itg_attention_mask(attention_mask, q)
+    h = self.qformer(self.embeddings(input_ids, queries), query_length=q, attention_mask=mask,
+                     encoder_hidden_states=image_embeds, deterministic=deterministic)
+    return h[:, :q], self.cls(h[:, q:], self.embeddings.attend)
+
   def itg_logits(self, image_embeds, input_ids, attention_mask=None, deterministic: bool = True):
     """Image-grounded text generation logits (spec sections 2.4, 2.5, 3.4).
 
@@ -245,14 +255,24 @@ class Blip2Stage1(nn.Module):
     Returns:
       float [B,T,V]; position t predicts token t+1 (shift in the loss).
     """
-    attention_mask = self._check_text(input_ids, attention_mask)
-    self._check_pair(image_embeds, input_ids)
-    queries = self._queries(input_ids.shape[0])
-    q = queries.shape[1]
-    mask = itg_attention_mask(attention_mask, q)
-    h = self.qformer(self.embeddings(input_ids, queries), query_length=q, attention_mask=mask,
-                     encoder_hidden_states=image_embeds, deterministic=deterministic)
-    return self.cls(h[:, q:], self.embeddings.attend)
+    return self._itg_pass(image_embeds, input_ids, attention_mask, deterministic)[1]
+
+  def image_features_and_itg_logits(self, image_embeds, input_ids, attention_mask=None,
+                                    deterministic: bool = True):
+    """The ITG pass, also returning the ITC image features from its query positions.
+
+    Queries never attend to text under the UniLM mask, so the query outputs of the ITG pass are
+    the query-only pass's outputs (spec section 3.4; LAVIS reuses them through the KV cache).
+    One Q-Former pass therefore serves both ITC's image side and ITG, as in LAVIS; with dropout
+    the two uses share one dropout sample instead of two.
+
+    Args:
+      image_embeds: [B,Nv,Dv]; input_ids: int [B,T] with [DEC] first; attention_mask: [B,T].
+    Returns:
+      (image_feats [B,Q,E] l2-normalised, itg logits [B,T,V]).
+    """
+    query_output, logits = self._itg_pass(image_embeds, input_ids, attention_mask, deterministic)
+    return l2_normalize(self.vision_projection(query_output)), logits
 
   def temperature(self):
     """The ITC temperature ``temp`` (scalar, trainable, no clamp; spec section 2.6)."""

@@ -36,7 +36,7 @@ def blip2_stage1_loss(model, params, batch: Mapping[str, jax.Array], rng: jax.Ar
     (loss, metrics) with metrics ``loss``, ``loss_itc``, ``loss_itm``, ``loss_itg``, ``itm_acc``,
     ``temp``.
   """
-  keys = jax.random.split(rng, 5)
+  keys = jax.random.split(rng, 4)
   variables = {"params": params}
 
   def apply(method, *args, key):
@@ -46,7 +46,10 @@ def blip2_stage1_loss(model, params, batch: Mapping[str, jax.Array], rng: jax.Ar
   image_ids = batch.get("image_id")
   image_embeds = model.apply(variables, batch["pixel_values"], deterministic=True,
                              method=model.encode_image)
-  _, image_feats = apply(model.image_features, image_embeds, key=keys[0])
+  # One pass over [queries; [DEC] text] with the UniLM mask serves ITC's image side and ITG.
+  dec_ids = lm.itg_inputs(batch["input_ids"], model.config.dec_token_id)
+  image_feats, lm_logits = apply(model.image_features_and_itg_logits, image_embeds, dec_ids,
+                                 batch["attention_mask"], key=keys[0])
   _, text_feat = apply(model.text_features, batch["input_ids"], batch["attention_mask"],
                        key=keys[1])
   temp = model.apply(variables, method=model.temperature)
@@ -62,9 +65,6 @@ def blip2_stage1_loss(model, params, batch: Mapping[str, jax.Array], rng: jax.Ar
   itm_logits = apply(model.itm_logits, embeds3, ids3, mask3, key=keys[3])
   loss_itm, itm_acc = itm.itm_loss(itm_logits, labels3)
 
-  dec_ids = lm.itg_inputs(batch["input_ids"], model.config.dec_token_id)
-  lm_logits = apply(model.itg_logits, image_embeds, dec_ids, batch["attention_mask"],
-                    key=keys[4])
   loss_itg = lm.itg_loss(lm_logits, dec_ids, batch["attention_mask"],
                          label_smoothing=label_smoothing)
 

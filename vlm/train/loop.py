@@ -126,8 +126,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | No
   mesh_lib.check_batch_size(config.global_batch_size, mesh, rules)
   model = build_model(config)
 
-  loader, data_stats = data_pipeline.build_blip2_train_loader(
+  loader = data_pipeline.build_blip2_train_loader(
       config.data, global_batch_size=config.global_batch_size, seed=config.seed)
+  data_stats = loader.loader_stats
   data_iter = iter(loader)
   log.info("training data: %s", data_stats)
 
@@ -136,7 +137,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | No
   init_args = (jnp.zeros((1, s, s, 3), jnp.float32), jnp.zeros((1, t), jnp.int32),
                jnp.ones((1, t), jnp.int32))
   tx = optim.make_optimizer(config.optim)
-  rng = jax.random.PRNGKey(config.seed)
+  rng = jax.random.key(config.seed, impl=config.get("prng_impl", "threefry2x32"))
   init_rng, step_rng = jax.random.split(rng)
 
   manager = ckpt.make_manager(workdir, save_interval_steps=config.checkpoint.every_steps,
