@@ -20,6 +20,8 @@ config_flags.DEFINE_config_file("config", None, "Config file (path.py[:variant])
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and results.")
 flags.DEFINE_bool("multihost", False, "Call jax.distributed.initialize() first.")
+flags.DEFINE_string("compilation_cache", "~/.cache/vlm/jax",
+                    "Persistent XLA compilation cache (a resumed run skips recompiling); '' = off.")
 flags.mark_flags_as_required(["config", "workdir"])
 FLAGS = flags.FLAGS
 
@@ -32,6 +34,9 @@ def main(argv):
   import jax
   if FLAGS.multihost:
     jax.distributed.initialize()
+  if FLAGS.compilation_cache:
+    jax.config.update("jax_compilation_cache_dir", os.path.expanduser(FLAGS.compilation_cache))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 5.0)
   from vlm.train import loop
   results = loop.run(FLAGS.config, FLAGS.workdir)
   logging.info("finished at step %d", results["step"])
