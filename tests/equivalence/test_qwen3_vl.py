@@ -1,0 +1,131 @@
+"""Qwen3-VL / Qwen3-VL-MoE end to end against HF transformers 4.57.1 (float32, tiny random configs).
+
+A tiny random ``Qwen3VLForConditionalGeneration`` (and ``Qwen3VLMoeForConditionalGeneration``) is
+saved with ``save_pretrained``; ``load_hf_qwen3_vl`` reads it, and vlm's logits (host position ids,
+packed vision call, placeholder gather, DeepStack, interleaved MRoPE) must match HF's on a
+left-padded batch holding three images of different sizes. ``save_hf_qwen3_vl`` must write a
+directory that HF loads to the same weights and that vlm reads back identically.
+"""
+import numpy as np
+import pytest
+import torch
+
+import jax
+import jax.numpy as jnp
+
+from transformers import Qwen3VLConfig as HFConfig, Qwen3VLForConditionalGeneration
+from transformers import Qwen3VLMoeConfig as HFMoeConfig, Qwen3VLMoeForConditionalGeneration
+
+from vlm.convert.hf_qwen3_vl import load_hf_qwen3_vl, save_hf_qwen3_vl
+from vlm.models.qwen3_vl import Qwen3VL, visual_token_index
+from vlm.models.qwen_vit import vision_inputs
+from vlm.models.rope_index import qwen3_vl_get_rope_index
+
+TOL = 1e-5
+IMG, VID, VS, VE, PAD = 250, 251, 252, 253, 0
+VISION = dict(depth=2, hidden_size=32, num_heads=2, intermediate_size=64, out_hidden_size=64,
+              deepstack_visual_indexes=[0, 1], num_position_embeddings=16, patch_size=8,
+              temporal_patch_size=2, spatial_merge_size=2)
+TEXT = dict(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-6,
+            rope_theta=10000.0, max_position_embeddings=256,
+            rope_scaling={"rope_type": "default", "mrope_section": [4, 2, 2],
+                          "mrope_interleaved": True})
+MOE = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, decoder_sparse_step=1)
+GRIDS = np.array([[1, 4, 6], [1, 4, 4], [1, 2, 4]])   # 6, 4 and 2 merged tokens
+
+
+def _randomize(model, seed):
+  """N(0, 1/fan_in) matrices, norm weights 1 + 0.1 N, biases 0.1 N (well conditioned)."""
+  g = torch.Generator().manual_seed(seed)
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      if p.ndim == 1 and "norm" in name:
+        p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=g))
+      elif p.ndim == 1:
+        p.copy_(0.1 * torch.randn(p.shape, generator=g))
+      else:
+        fan_in = (p.shape[-2] if name.endswith(("gate_up_proj", "experts.down_proj"))
+                  else int(np.prod(p.shape[1:])))
+        p.copy_(torch.randn(p.shape, generator=g) / np.sqrt(fan_in))
+  return model.eval()
+
+
+def _hf_model(moe):
+  torch.manual_seed(0)
+  if moe:
+    cfg = HFMoeConfig(vision_config=VISION, text_config={**TEXT, **MOE}, image_token_id=IMG,
+                      video_token_id=VID, vision_start_token_id=VS, vision_end_token_id=VE)
+    cls = Qwen3VLMoeForConditionalGeneration
+  else:
+    cfg = HFConfig(vision_config=VISION, text_config=TEXT, image_token_id=IMG,
+                   video_token_id=VID, vision_start_token_id=VS, vision_end_token_id=VE)
+    cls = Qwen3VLForConditionalGeneration
+  cfg._attn_implementation = "eager"
+  return _randomize(cls(cfg), 1 + moe)
+
+
+def _inputs():
+  """Row 0: two images (4x6, 4x4 patches); row 1 (left padded): one 2x4 image."""
+  rng = np.random.RandomState(0)
+  txt = lambda n: list(rng.randint(1, 200, size=n))
+  blk = lambda g: [VS] + [IMG] * (int(np.prod(g)) // 4) + [VE]
+  rows = [txt(3) + blk(GRIDS[0]) + txt(2) + blk(GRIDS[1]) + txt(3),
+          txt(2) + blk(GRIDS[2]) + txt(4)]
+  n = max(map(len, rows))
+  ids = np.full((2, n), PAD, np.int64)
+  mask = np.zeros((2, n), np.int64)
+  for i, r in enumerate(rows):
+    ids[i, n - len(r):] = r
+    mask[i, n - len(r):] = 1
+  patch_dim = 3 * 2 * VISION["patch_size"] ** 2
+  pixels = rng.standard_normal((int(np.prod(GRIDS, axis=1).sum()), patch_dim)).astype(np.float32)
+  return ids, mask, pixels
+
+
+@pytest.mark.parametrize("moe", [False, True], ids=["dense", "moe"])
+def test_logits_and_round_trip(tmp_path, moe):
+  hf = _hf_model(moe)
+  hf.save_pretrained(tmp_path / "hf", safe_serialization=True)
+  ids, mask, pixels = _inputs()
+  with torch.no_grad():
+    want = hf(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
+              pixel_values=torch.tensor(pixels), image_grid_thw=torch.tensor(GRIDS)).logits.numpy()
+
+  config, params = load_hf_qwen3_vl(str(tmp_path / "hf"))
+  assert (config.text.num_experts > 0) == moe
+  pos, _ = qwen3_vl_get_rope_index(ids, GRIDS, None, mask, 2, IMG, VID, VS)
+  tables = vision_inputs(config.vision, GRIDS)
+  index = visual_token_index(ids, IMG, VID, image_grid_thw=GRIDS)
+  got, _ = jax.jit(Qwen3VL(config).apply)({"params": params}, jnp.asarray(ids, jnp.int32),
+                                            jnp.asarray(pos, jnp.int32), jnp.asarray(mask, bool),
+                                            jnp.asarray(pixels), tables, jnp.asarray(index))
+  real = mask.astype(bool)
+  err = float(np.abs(np.asarray(got)[real] - want[real]).max())
+  print(f"qwen3_vl{'_moe' if moe else ''} logits max abs err {err:.2e}")
+  assert err <= TOL
+
+  # vlm -> HF directory -> HF weights identical; and back to vlm identically.
+  save_hf_qwen3_vl(config, params, str(tmp_path / "vlm"))
+  cls = type(hf)
+  hf2 = cls.from_pretrained(tmp_path / "vlm")
+  sd1, sd2 = hf.state_dict(), hf2.state_dict()
+  assert sorted(sd1) == sorted(sd2)
+  for k in sd1:
+    np.testing.assert_array_equal(sd1[k].numpy(), sd2[k].numpy(), err_msg=k)
+  config2, params2 = load_hf_qwen3_vl(str(tmp_path / "vlm"))
+  assert config2 == config
+  jax.tree_util.tree_map(np.testing.assert_array_equal, params, params2)
+
+
+def test_key_errors(tmp_path):
+  from safetensors.numpy import load_file, save_file
+  hf = _hf_model(False)
+  hf.save_pretrained(tmp_path, safe_serialization=True)
+  state = load_file(str(tmp_path / "model.safetensors"))
+  state["model.visual.extra.weight"] = np.zeros(3, np.float32)
+  del state["model.language_model.norm.weight"]
+  save_file(state, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+  with pytest.raises(ValueError, match=r"unknown checkpoint keys: model\.visual\.extra\.weight.*"
+                                       r"missing from the checkpoint: language_model/norm/scale"):
+    load_hf_qwen3_vl(str(tmp_path))
