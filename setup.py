@@ -22,6 +22,7 @@ setup(
         "tokenizers>=0.19",
         "safetensors>=0.4",
         "Pillow>=10",
+        "av>=12",
         "tensorboardX>=2.6",
         "tqdm",
     ],
