@@ -17,7 +17,7 @@ from transformers import Qwen3VLConfig as HFConfig, Qwen3VLForConditionalGenerat
 from transformers import Qwen3VLMoeConfig as HFMoeConfig, Qwen3VLMoeForConditionalGeneration
 
 from vlm.convert.hf_qwen3_vl import load_hf_qwen3_vl, save_hf_qwen3_vl
-from vlm.models.qwen3_vl import Qwen3VL, visual_token_index
+from vlm.models.qwen3_vl import Qwen3VL, decode_position_ids, init_cache, visual_token_index
 from vlm.models.qwen_vit import vision_inputs
 from vlm.models.rope_index import qwen3_vl_get_rope_index
 
@@ -33,6 +33,7 @@ TEXT = dict(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_lay
                           "mrope_interleaved": True})
 MOE = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, decoder_sparse_step=1)
 GRIDS = np.array([[1, 4, 6], [1, 4, 4], [1, 2, 4]])   # 6, 4 and 2 merged tokens
+VGRIDS = np.array([[2, 4, 4]])                         # 2 frame groups of 4 merged tokens
 
 
 def _randomize(model, seed):
@@ -66,12 +67,15 @@ def _hf_model(moe):
 
 
 def _inputs():
-  """Row 0: two images (4x6, 4x4 patches); row 1 (left padded): one 2x4 image."""
+  """Row 0: two images (4x6, 4x4 patches); row 1 (left padded): one 2x4 image, then a video of
+  two frame groups, each behind its own timestamp text (Qwen3-VL processor layout)."""
   rng = np.random.RandomState(0)
   txt = lambda n: list(rng.randint(1, 200, size=n))
-  blk = lambda g: [VS] + [IMG] * (int(np.prod(g)) // 4) + [VE]
+  blk = lambda g, tok=IMG: [VS] + [tok] * (int(np.prod(g)) // 4) + [VE]
+  t, h, w = VGRIDS[0]
+  video = sum((txt(2) + blk((1, h, w), VID) for _ in range(t)), [])
   rows = [txt(3) + blk(GRIDS[0]) + txt(2) + blk(GRIDS[1]) + txt(3),
-          txt(2) + blk(GRIDS[2]) + txt(4)]
+          txt(2) + blk(GRIDS[2]) + txt(1) + video + txt(2)]
   n = max(map(len, rows))
   ids = np.full((2, n), PAD, np.int64)
   mask = np.zeros((2, n), np.int64)
@@ -79,31 +83,57 @@ def _inputs():
     ids[i, n - len(r):] = r
     mask[i, n - len(r):] = 1
   patch_dim = 3 * 2 * VISION["patch_size"] ** 2
-  pixels = rng.standard_normal((int(np.prod(GRIDS, axis=1).sum()), patch_dim)).astype(np.float32)
-  return ids, mask, pixels
+  n_img, n_vid = int(np.prod(GRIDS, axis=1).sum()), int(np.prod(VGRIDS, axis=1).sum())
+  pixels = rng.standard_normal((n_img + n_vid, patch_dim)).astype(np.float32)
+  return ids, mask, pixels[:n_img], pixels[n_img:]
 
 
 @pytest.mark.parametrize("moe", [False, True], ids=["dense", "moe"])
 def test_logits_and_round_trip(tmp_path, moe):
   hf = _hf_model(moe)
   hf.save_pretrained(tmp_path / "hf", safe_serialization=True)
-  ids, mask, pixels = _inputs()
+  ids, mask, img_px, vid_px = _inputs()
   with torch.no_grad():
     want = hf(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
-              pixel_values=torch.tensor(pixels), image_grid_thw=torch.tensor(GRIDS)).logits.numpy()
+              pixel_values=torch.tensor(img_px), image_grid_thw=torch.tensor(GRIDS),
+              pixel_values_videos=torch.tensor(vid_px),
+              video_grid_thw=torch.tensor(VGRIDS)).logits.numpy()
 
   config, params = load_hf_qwen3_vl(str(tmp_path / "hf"))
   assert (config.text.num_experts > 0) == moe
-  pos, _ = qwen3_vl_get_rope_index(ids, GRIDS, None, mask, 2, IMG, VID, VS)
-  tables = vision_inputs(config.vision, GRIDS)
-  index = visual_token_index(ids, IMG, VID, image_grid_thw=GRIDS)
-  got, _ = jax.jit(Qwen3VL(config).apply)({"params": params}, jnp.asarray(ids, jnp.int32),
-                                            jnp.asarray(pos, jnp.int32), jnp.asarray(mask, bool),
-                                            jnp.asarray(pixels), tables, jnp.asarray(index))
+  pos, _ = qwen3_vl_get_rope_index(ids, GRIDS, VGRIDS, mask, 2, IMG, VID, VS)
+  # one packed vision call: images, then videos (visual_token_index numbers them that way)
+  tables = vision_inputs(config.vision, np.concatenate([GRIDS, VGRIDS]))
+  index = visual_token_index(ids, IMG, VID, image_grid_thw=GRIDS, video_grid_thw=VGRIDS)
+  model = Qwen3VL(config)
+  apply = jax.jit(model.apply)
+  got, _ = apply({"params": params}, jnp.asarray(ids, jnp.int32), jnp.asarray(pos, jnp.int32),
+                 jnp.asarray(mask, bool), jnp.asarray(np.concatenate([img_px, vid_px])), tables,
+                 jnp.asarray(index))
   real = mask.astype(bool)
   err = float(np.abs(np.asarray(got)[real] - want[real]).max())
   print(f"qwen3_vl{'_moe' if moe else ''} logits max abs err {err:.2e}")
   assert err <= TOL
+
+  if not moe:  # prefill all but the last 2 tokens into a KV cache, then decode them one by one
+    n = ids.shape[1] - 2
+    p_pos, deltas = qwen3_vl_get_rope_index(ids[:, :n], GRIDS, VGRIDS, mask[:, :n], 2, IMG, VID,
+                                            VS)
+    cache = init_cache(config.text, ids.shape[0], ids.shape[1])
+    _, cache = apply({"params": params}, jnp.asarray(ids[:, :n], jnp.int32),
+                     jnp.asarray(p_pos, jnp.int32), jnp.asarray(mask[:, :n], bool),
+                     jnp.asarray(np.concatenate([img_px, vid_px])), tables,
+                     jnp.asarray(index[:, :n]), cache, 0)
+    step = jax.jit(lambda p, i, q, m, c, ci: model.apply(p, i, q, m, kv_cache=c, cache_index=ci))
+    for s in range(n, ids.shape[1]):
+      d_pos = decode_position_ids(deltas, s, 1)
+      np.testing.assert_array_equal(d_pos, pos[:, :, s:s + 1])
+      out, cache = step({"params": params}, jnp.asarray(ids[:, s:s + 1], jnp.int32),
+                        jnp.asarray(d_pos, jnp.int32), jnp.asarray(mask[:, s:s + 1], bool),
+                        cache, s)
+      err_d = float(np.abs(np.asarray(out)[:, 0] - want[:, s]).max())
+      print(f"decode step {s} max abs err {err_d:.2e}")
+      assert err_d <= TOL
 
   # vlm -> HF directory -> HF weights identical; and back to vlm identically.
   save_hf_qwen3_vl(config, params, str(tmp_path / "vlm"))
