@@ -159,3 +159,64 @@ def test_key_errors(tmp_path):
   with pytest.raises(ValueError, match=r"unknown checkpoint keys: model\.visual\.extra\.weight.*"
                                        r"missing from the checkpoint: language_model/norm/scale"):
     load_hf_qwen3_vl(str(tmp_path))
+
+
+def test_qwen2_5_vl(tmp_path):
+  """Qwen2.5-VL: window ViT, Qwen2 text (q/k/v bias), sectioned MRoPE with the video time index,
+  no DeepStack; HF's saved layout loads, and vlm's saved directory loads back into HF."""
+  from transformers import Qwen2_5_VLConfig as HF25Config, Qwen2_5_VLForConditionalGeneration
+  from vlm.models.qwen3_vl import Qwen2_5_VL, Qwen2_5_VLConfig
+  from vlm.models.rope_index import qwen2_5_vl_get_rope_index
+
+  torch.manual_seed(0)
+  vision = dict(depth=2, hidden_size=32, num_heads=2, intermediate_size=64, out_hidden_size=64,
+                patch_size=8, temporal_patch_size=2, spatial_merge_size=2, window_size=32,
+                fullatt_block_indexes=[1], tokens_per_second=2)
+  text = {k: v for k, v in TEXT.items() if k not in ("head_dim", "rope_scaling")}
+  text["rope_scaling"] = {"type": "mrope", "mrope_section": [2, 3, 3]}
+  hf_cfg = HF25Config(vision_config=vision, text_config=text, image_token_id=IMG,
+                      video_token_id=VID, vision_start_token_id=VS, vision_end_token_id=VE)
+  hf_cfg._attn_implementation = "eager"
+  hf = _randomize(Qwen2_5_VLForConditionalGeneration(hf_cfg), 3)
+  hf.save_pretrained(tmp_path / "hf", safe_serialization=True)
+
+  rng = np.random.RandomState(1)
+  txt = lambda n: list(rng.randint(1, 200, size=n))
+  blk = lambda g, tok: [VS] + [tok] * (int(np.prod(g)) // 4) + [VE]
+  grids, vgrids = np.array([[1, 6, 8], [1, 2, 4]]), np.array([[2, 4, 4]])
+  rows = [txt(2) + blk(grids[0], IMG) + txt(2) + blk(grids[1], IMG) + txt(2),
+          txt(1) + blk(vgrids[0], VID) + txt(3)]
+  n = max(map(len, rows))
+  ids = np.full((2, n), PAD, np.int64)
+  mask = np.zeros((2, n), np.int64)
+  for i, r in enumerate(rows):
+    ids[i, n - len(r):], mask[i, n - len(r):] = r, 1
+  n_img, n_vid = int(np.prod(grids, axis=1).sum()), int(np.prod(vgrids, axis=1).sum())
+  px = rng.standard_normal((n_img + n_vid, 3 * 2 * 64)).astype(np.float32)
+  secs = [1.0]
+  with torch.no_grad():
+    want = hf(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
+              pixel_values=torch.tensor(px[:n_img]), image_grid_thw=torch.tensor(grids),
+              pixel_values_videos=torch.tensor(px[n_img:]), video_grid_thw=torch.tensor(vgrids),
+              second_per_grid_ts=torch.tensor(secs)).logits.numpy()
+
+  config, params = load_hf_qwen3_vl(str(tmp_path / "hf"))
+  assert isinstance(config, Qwen2_5_VLConfig) and not config.text.use_qk_norm
+  pos, _ = qwen2_5_vl_get_rope_index(ids, grids, vgrids, mask, 2, IMG, VID, VS, secs,
+                                     config.vision.tokens_per_second)
+  tables = vision_inputs(config.vision, np.concatenate([grids, vgrids]))
+  index = visual_token_index(ids, IMG, VID, image_grid_thw=grids, video_grid_thw=vgrids)
+  got, _ = jax.jit(Qwen2_5_VL(config).apply)(
+      {"params": params}, jnp.asarray(ids, jnp.int32), jnp.asarray(pos, jnp.int32),
+      jnp.asarray(mask, bool), jnp.asarray(px), tables, jnp.asarray(index))
+  real = mask.astype(bool)
+  err = float(np.abs(np.asarray(got)[real] - want[real]).max())
+  print(f"qwen2_5_vl logits max abs err {err:.2e}")
+  assert err <= TOL
+
+  save_hf_qwen3_vl(config, params, str(tmp_path / "vlm"))
+  hf2 = Qwen2_5_VLForConditionalGeneration.from_pretrained(tmp_path / "vlm")
+  sd1, sd2 = hf.state_dict(), hf2.state_dict()
+  assert sorted(sd1) == sorted(sd2)
+  for k in sd1:
+    np.testing.assert_array_equal(sd1[k].numpy(), sd2[k].numpy(), err_msg=k)
