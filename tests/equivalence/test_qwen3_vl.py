@@ -220,3 +220,22 @@ def test_qwen2_5_vl(tmp_path):
   assert sorted(sd1) == sorted(sd2)
   for k in sd1:
     np.testing.assert_array_equal(sd1[k].numpy(), sd2[k].numpy(), err_msg=k)
+
+
+def test_bfloat16_sharded_round_trip(tmp_path):
+  """bf16 checkpoints (the released dtype) load bit-exactly through the own safetensors reader,
+  and a sharded bf16 save loads back into HF unchanged."""
+  hf = _hf_model(False).to(torch.bfloat16)
+  hf.save_pretrained(tmp_path / "hf", safe_serialization=True, max_shard_size="100KB")
+  assert (tmp_path / "hf" / "model.safetensors.index.json").exists()
+  config, params = load_hf_qwen3_vl(str(tmp_path / "hf"), dtype=jnp.bfloat16)
+  q = params["language_model"]["layers_1"]["self_attn"]["q_proj"]["kernel"]
+  assert q.dtype == jnp.bfloat16
+  ref = hf.model.language_model.layers[1].self_attn.q_proj.weight.detach().float().numpy().T
+  np.testing.assert_array_equal(np.asarray(q, np.float32), ref)
+  save_hf_qwen3_vl(config, params, str(tmp_path / "vlm"), max_shard_size="100KB")
+  hf2 = Qwen3VLForConditionalGeneration.from_pretrained(tmp_path / "vlm", dtype=torch.bfloat16)
+  sd1, sd2 = hf.state_dict(), hf2.state_dict()
+  assert sorted(sd1) == sorted(sd2)
+  for k in sd1:
+    assert torch.equal(sd1[k], sd2[k]), k
