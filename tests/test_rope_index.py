@@ -121,3 +121,20 @@ def test_errors():
     qwen3_vl_get_rope_index(ids, [[1, 8, 8]], None, None, 2, IMG, VID, VS)
   with pytest.raises(ValueError, match=r"\[N, 3\]"):
     qwen3_vl_get_rope_index(ids, [1, 4, 4], None, None, 2, IMG, VID, VS)
+
+
+def test_visual_token_index_and_decode_positions():
+  from vlm.models.qwen3_vl import decode_position_ids, visual_token_index
+  ids = np.array([[PAD, 1, VS, IMG, IMG, VE, VS, VID, VE],
+                  [1, VS, IMG, VE, 2, VS, VID, VID, VE]])
+  idx = visual_token_index(ids, IMG, VID, image_grid_thw=[[1, 4, 2], [1, 2, 2]],
+                           video_grid_thw=[[1, 2, 2], [2, 2, 2]])
+  np.testing.assert_array_equal(idx, [[-1, -1, -1, 0, 1, -1, -1, 3, -1],
+                                      [-1, -1, 2, -1, -1, -1, 4, 5, -1]])
+  idx = visual_token_index(ids, IMG, VID, video_offset=8)
+  assert idx[0, 7] == 8 and idx[1, 7] == 10
+  with pytest.raises(ValueError, match="3 image placeholder tokens but image_grid_thw needs 4"):
+    visual_token_index(ids, IMG, VID, image_grid_thw=[[1, 4, 4]])
+  pos = decode_position_ids(np.array([[-3], [2]]), 9, 2)
+  assert pos.shape == (3, 2, 2)
+  np.testing.assert_array_equal(pos[1], [[6, 7], [11, 12]])
