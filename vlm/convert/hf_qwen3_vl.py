@@ -301,12 +301,8 @@ def _from_vlm(path: tuple[str, ...], value: np.ndarray, legacy: bool) -> tuple[s
       parts += [head, tail]
     else:
       parts.append(p)
-  if leaf == "kernel":
-    if mod[-2:] == ("patch_embed", "proj"):
-      v = value.T
-      hf_leaf = "weight"
-    else:
-      v, hf_leaf = value.T, "weight"
+  if leaf == "kernel":  # the patch-embedding kernel is reshaped to Conv3d layout by the caller
+    v, hf_leaf = value.T, "weight"
   elif leaf in ("embedding", "scale"):
     v, hf_leaf = value, "weight"
   else:

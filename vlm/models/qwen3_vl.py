@@ -230,6 +230,8 @@ class Qwen3VL(nn.Module):
     (logits float32 [B, L, V], new kv_cache or None).
   Raises:
     ValueError: inconsistent shapes, ``pixel_values`` without tables or index.
+  ``init`` must be given ``pixel_values`` (any small grid) so that the ``visual`` parameters are
+  created; calls without pixels touch only the decoder and head.
   """
   config: Qwen3VLConfig
   dtype: Dtype = jnp.float32
