@@ -73,18 +73,20 @@ class QFormerMultiHeadAttention(nn.Module):
 
 
 class QFormerSelfOutput(nn.Module):
-  """``LayerNorm(Dropout(dense(h)) + residual)``, [B,L,D] -> [B,L,D].
+  """``LayerNorm(Dropout(dense(h)) + residual)``, [B,L,in] -> [B,L,D].
 
-  HF ``Blip2QFormerSelfOutput``.
+  HF ``Blip2QFormerSelfOutput`` (``in_axis=HEADS``, after attention) and ``Blip2QFormerOutput``
+  (``in_axis=MLP``, after the FFN; see :class:`QFormerOutput`) are the same computation.
   """
   config: QFormerConfig
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  in_axis: str = P.HEADS
 
   @nn.compact
   def __call__(self, h, residual, deterministic: bool = True):
     cfg = self.config
-    h = layers.Dense(cfg.hidden_size, kernel_axes=(P.HEADS, P.EMBED), name="dense",
+    h = layers.Dense(cfg.hidden_size, kernel_axes=(self.in_axis, P.EMBED), name="dense",
                      dtype=self.dtype, param_dtype=self.param_dtype,
                      kernel_init=_kernel_init(cfg))(h)
     h = nn.Dropout(cfg.hidden_dropout_prob)(h, deterministic=deterministic)
@@ -124,21 +126,10 @@ class QFormerIntermediate(nn.Module):
     return layers.activation(cfg.hidden_act)(h)
 
 
-class QFormerOutput(nn.Module):
-  """``LayerNorm(Dropout(dense(h)) + residual)``, [B,L,I] -> [B,L,D] (HF ``Blip2QFormerOutput``)."""
-  config: QFormerConfig
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, h, residual, deterministic: bool = True):
-    cfg = self.config
-    h = layers.Dense(cfg.hidden_size, kernel_axes=(P.MLP, P.EMBED), name="dense",
-                     dtype=self.dtype, param_dtype=self.param_dtype,
-                     kernel_init=_kernel_init(cfg))(h)
-    h = nn.Dropout(cfg.hidden_dropout_prob)(h, deterministic=deterministic)
-    return layers.LayerNorm(epsilon=cfg.layer_norm_eps, name="LayerNorm", dtype=self.dtype,
-                            param_dtype=self.param_dtype)(h + residual)
+class QFormerOutput(QFormerSelfOutput):
+  """FFN output: ``LayerNorm(Dropout(dense(h)) + residual)``, [B,L,I] -> [B,L,D] (HF
+  ``Blip2QFormerOutput``)."""
+  in_axis: str = P.MLP
 
 
 class QFormerLayer(nn.Module):

@@ -176,9 +176,14 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | No
   meta_base = {"config": config.to_json_best_effort(),
                "data_stats": json.loads(json.dumps(data_stats, default=str))}
 
+  saved = {"step": latest}
+
   def save(step, force=False):
+    if saved["step"] == step:
+      return
     if force or manager.should_save(step):
       ckpt.save(manager, step, state, data_iter, dict(meta_base, step=int(step)), force=force)
+      saved["step"] = step
 
   def check(pending):
     step, m = pending
@@ -224,8 +229,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | No
       if pending is not None:
         check(pending)
       final_step = int(jax.device_get(state.step))
-      if manager.latest_step() != final_step:
-        save(final_step, force=True)
+      save(final_step, force=True)
   finally:
     manager.wait_until_finished()
     bar.close()
