@@ -1,6 +1,7 @@
 r"""Zero-shot image-text retrieval of a BLIP-2 stage-1 model on the embedded COCO splits.
 
-  python scripts/evaluate.py --config configs/blip2/stage1.py:tiny --workdir runs/blip2_tiny
+  python scripts/evaluate.py --config configs/blip2/stage1.py:tiny --workdir runs/blip2_tiny \
+      --splits=val,train
   python scripts/evaluate.py --config configs/blip2/stage1.py:vitg \
       --hf_checkpoint /path/to/blip2-itm-vit-g --config.data.image_size=224
 
@@ -24,6 +25,7 @@ flags.DEFINE_string("workdir", None, "Training workdir whose checkpoint to evalu
 flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).")
 flags.DEFINE_string("hf_checkpoint", None, "Evaluate an HF Blip2ForImageTextRetrieval directory.")
 flags.DEFINE_string("output", None, "Where to write the JSON results.")
+flags.DEFINE_list("splits", None, "Splits to evaluate (default: config.eval.splits), e.g. val,train.")
 flags.mark_flags_as_required(["config"])
 FLAGS = flags.FLAGS
 
@@ -35,6 +37,9 @@ def main(argv):
   from vlm.models.blip2 import Blip2Stage1
   from vlm.train import evaluators, loop
   config = FLAGS.config
+  if FLAGS.splits:
+    with config.unlocked():
+      config.eval.splits = list(FLAGS.splits)
   if FLAGS.hf_checkpoint:
     from vlm.convert import hf_blip2
     model_config, params = hf_blip2.load_hf_blip2(FLAGS.hf_checkpoint)

@@ -6,8 +6,9 @@ Run (CPU, real COCO photos and captions shipped in data/coco, about 10 minutes o
 
 Variants (``:name`` after the file):
   tiny   4-block 192-wide random EVA-style tower (frozen), 384x6 Q-Former initialised from the real
-         all-MiniLM-L6-v2 BERT weights, 16 query tokens; global batch 16, 100 steps; ITM
-         re-ranks the top 4 ITC candidates at evaluation; CPU default.
+         all-MiniLM-L6-v2 BERT weights, 16 query tokens; global batch 16, 70 steps; ITM
+         re-ranks the top 4 ITC candidates at evaluation (val split at the end; add the train
+         split with scripts/evaluate.py --splits=val,train); CPU default.
   small  ViT-B-sized tower + BERT-base Q-Former (benchmark size).
   vitg   the paper: EVA ViT-g/14 (39 blocks, frozen) + BERT-base Q-Former, batch 1680, 250k steps,
          AdamW(0.9, 0.98), wd 0.05, peak lr 1e-4, warmup 2k; on a TPU pod the same command, with
@@ -51,11 +52,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.loss = ml_collections.ConfigDict(dict(
       label_smoothing=0.1, itc_use_image_ids=False, itm_exclude_same_image=True))
 
-  c.total_steps = {"tiny": 100, "small": 2000, "vitg": 250_000}[variant]
+  c.total_steps = {"tiny": 70, "small": 2000, "vitg": 250_000}[variant]
   c.global_batch_size = {"tiny": 16, "small": 256, "vitg": 1680}[variant]
   c.optim = ml_collections.ConfigDict(dict(
       lr=1e-4, min_lr=1e-5, warmup_lr=1e-6,
-      warmup_steps={"tiny": 10, "small": 200, "vitg": 2000}[variant],
+      warmup_steps={"tiny": 7, "small": 200, "vitg": 2000}[variant],
       total_steps=c.get_ref("total_steps"),
       b1=0.9, b2=0.98, eps=1e-8, weight_decay=0.05, grad_clip_norm=0.0,
       frozen=[FROZEN_VISION]))
@@ -68,10 +69,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       shape={"data": 1, "fsdp": -1, "tensor": 1}, rules=None))
 
   c.checkpoint = ml_collections.ConfigDict(dict(
-      every_steps={"tiny": 50, "small": 500, "vitg": 2000}[variant], max_to_keep=3,
+      every_steps={"tiny": 25, "small": 500, "vitg": 2000}[variant], max_to_keep=3,
       async_save=True))
   c.log_every_steps = 10
   c.eval = ml_collections.ConfigDict(dict(
-      at_end=True, splits=["val", "train"], k_test={"tiny": 4, "small": 32, "vitg": 128}[variant],
+      at_end=True, splits=["val"], k_test={"tiny": 4, "small": 32, "vitg": 128}[variant],
       batch_size=64))
   return c
