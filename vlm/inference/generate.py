@@ -1,0 +1,250 @@
+"""Batched autoregressive generation for Qwen3-VL / Qwen3-VL-MoE / Qwen2.5-VL (:class:`Qwen3VL`).
+
+Host side (numpy): the prompt is left-padded to a length bucket, MRoPE position ids and
+``rope_deltas`` come from :mod:`vlm.models.rope_index` (spec 7.1-7.6), images then videos are packed
+into one vision call (:func:`vlm.models.qwen_vit.vision_inputs`) and every placeholder token gets
+its merged row (:func:`vlm.models.qwen3_vl.visual_token_index`).
+
+Device side: one jitted prefill fills a KV cache of ``prompt_len + max_new_tokens`` slots
+(:func:`vlm.models.qwen3.init_cache`), then a jitted one-token decode step (position ids
+``cache_index + rope_deltas`` on all three MRoPE rows, spec 7.5,
+:func:`vlm.models.qwen3_vl.decode_position_ids`) runs in a Python loop; the step compiles once.
+Greedy (``temperature == 0``) or temperature + nucleus (top-p) sampling; each row stops at its
+first stop token, later positions are filled with ``pad_token_id`` (HF ``generate`` semantics).
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vlm.models import qwen_vit
+from vlm.models.qwen3 import init_cache
+from vlm.models.qwen3_vl import Qwen2_5_VLConfig, decode_position_ids, visual_token_index
+from vlm.models.rope_index import qwen2_5_vl_get_rope_index, qwen3_vl_get_rope_index
+
+PROMPT_BUCKET = 64
+PATCH_BUCKET = 256
+
+
+def _round_up(n: int, m: int) -> int:
+  return max(m, -(-n // m) * m)
+
+
+def left_pad(input_ids, attention_mask, length: int, pad_token_id: int):
+  """Moves every row's real tokens to the right end of a ``[B, length]`` array (left padding).
+
+  Args:
+    input_ids: int [B, L]; attention_mask: 0/1 or bool [B, L] (left or right padded).
+    length: target length >= the longest real row.
+    pad_token_id: id written at the padded slots.
+  Returns:
+    ``(ids int64 [B, length], mask int64 [B, length])``.
+  Raises:
+    ValueError: on shape mismatches or rows longer than ``length``.
+  """
+  ids = np.asarray(input_ids)
+  mask = np.asarray(attention_mask).astype(bool)
+  if ids.ndim != 2 or mask.shape != ids.shape:
+    raise ValueError(f"input_ids and attention_mask must both be [B, L], got {ids.shape} and "
+                     f"{mask.shape}")
+  out = np.full((ids.shape[0], length), pad_token_id, np.int64)
+  out_mask = np.zeros((ids.shape[0], length), np.int64)
+  for i in range(ids.shape[0]):
+    real = ids[i][mask[i]]
+    if len(real) > length:
+      raise ValueError(f"row {i} has {len(real)} tokens, more than the length {length}")
+    if len(real):
+      out[i, length - len(real):] = real
+      out_mask[i, length - len(real):] = 1
+  return out, out_mask
+
+
+def filter_top_p(logits, top_p: float):
+  """Nucleus filter: keeps the smallest set of highest-probability tokens whose mass reaches
+  ``top_p`` (always the top token); the rest get ``-inf``. float [B, V] -> float [B, V]."""
+  if top_p >= 1.0:
+    return logits
+  order = jnp.argsort(-logits, axis=-1)
+  sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
+  probs = jax.nn.softmax(sorted_logits, axis=-1)
+  before = jnp.cumsum(probs, axis=-1) - probs  # mass of strictly better tokens
+  keep_sorted = before < top_p
+  keep = jnp.zeros_like(keep_sorted).at[jnp.arange(logits.shape[0])[:, None], order].set(
+      keep_sorted)
+  return jnp.where(keep, logits, -jnp.inf)
+
+
+def sample_tokens(logits, rng, temperature: float, top_p: float):
+  """float [B, V] -> int32 [B]: argmax when ``temperature == 0``, else
+  ``categorical(filter_top_p(logits / temperature, top_p))``."""
+  logits = jnp.asarray(logits, jnp.float32)
+  if temperature == 0.0:
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  filtered = filter_top_p(logits / temperature, top_p)
+  return jax.random.categorical(rng, filtered, axis=-1).astype(jnp.int32)
+
+
+_COMPILED: dict = {}
+
+
+def _compiled(model, temperature: float, top_p: float):
+  """(prefill, step) jitted for one model / sampling setting (cached: repeated calls reuse them)."""
+  key = (id(model), temperature, top_p)
+  if key in _COMPILED and _COMPILED[key][0] is model:
+    return _COMPILED[key][1]
+
+  def prefill(params, ids, pos, mask, pixels, tables, index, cache, rng):
+    logits, cache = model.apply({"params": params}, ids, pos, mask, pixels, tables, index,
+                                cache, 0)
+    return sample_tokens(logits[:, -1], rng, temperature, top_p), cache
+
+  def step(params, tok, pos, cache, cache_index, rng):
+    mask = jnp.ones(tok.shape, bool)
+    logits, cache = model.apply({"params": params}, tok, pos, mask, kv_cache=cache,
+                                cache_index=cache_index)
+    return sample_tokens(logits[:, -1], rng, temperature, top_p), cache
+
+  fns = jax.jit(prefill), jax.jit(step, donate_argnums=(3,))
+  if len(_COMPILED) > 16:
+    _COMPILED.clear()
+  _COMPILED[key] = (model, fns)
+  return fns
+
+
+def prepare_inputs(config, batch: Mapping[str, Any], *, pad_token_id: int,
+                   prompt_bucket: int = PROMPT_BUCKET, max_patches: int | None = None) -> dict:
+  """Host-side prefill inputs (numpy) for :func:`generate`.
+
+  Args:
+    config: :class:`Qwen3VLConfig` or :class:`Qwen2_5_VLConfig`.
+    batch: processor output (``input_ids``, ``attention_mask``, optional ``pixel_values`` +
+      ``image_grid_thw``, ``pixel_values_videos`` + ``video_grid_thw``, ``second_per_grid_ts``).
+    pad_token_id: id for padded slots.
+    prompt_bucket: the prompt is left-padded to a multiple of this length.
+    max_patches: packed patch bucket (multiple of M^2); default: the patch count rounded up to a
+      multiple of 256.
+  Returns:
+    dict with ``input_ids`` int32 [B, Lp], ``attention_mask`` bool [B, Lp], ``position_ids`` int32
+    [3, B, Lp], ``rope_deltas`` int64 [B, 1], and when there are pixels ``pixel_values`` float32
+    [Np, F], ``vision_tables`` (dict), ``visual_token_index`` int32 [B, Lp]; else those three None.
+  Raises:
+    ValueError: missing keys, pixels without grids (or vice versa), placeholder counts that do not
+      match the grids, a patch bucket that is too small.
+  """
+  if "input_ids" not in batch:
+    raise ValueError("batch needs input_ids (and attention_mask): pass the processor output")
+  ids = np.asarray(batch["input_ids"])
+  if ids.ndim != 2:
+    raise ValueError(f"input_ids must be int [B, L], got shape {ids.shape}")
+  mask = np.asarray(batch.get("attention_mask", np.ones_like(ids)))
+  lp = _round_up(int(mask.astype(bool).sum(1).max()), prompt_bucket)
+  ids, mask = left_pad(ids, mask, lp, pad_token_id)
+
+  grids, pixels = [], []
+  image_grid = video_grid = None
+  for px_key, grid_key in (("pixel_values", "image_grid_thw"),
+                           ("pixel_values_videos", "video_grid_thw")):
+    has_px, has_grid = batch.get(px_key) is not None, batch.get(grid_key) is not None
+    if has_px != has_grid:
+      raise ValueError(f"{px_key} and {grid_key} must be given together")
+    if has_px:
+      grid = np.asarray(batch[grid_key]).reshape(-1, 3)
+      grids.append(grid)
+      pixels.append(np.asarray(batch[px_key], np.float32))
+      if grid_key == "image_grid_thw":
+        image_grid = grid
+      else:
+        video_grid = grid
+
+  m = config.vision.spatial_merge_size
+  args = (ids, image_grid, video_grid, mask, m, config.image_token_id, config.video_token_id,
+          config.vision_start_token_id)
+  if isinstance(config, Qwen2_5_VLConfig):
+    pos, deltas = qwen2_5_vl_get_rope_index(
+        *args, second_per_grid_ts=batch.get("second_per_grid_ts"),
+        tokens_per_second=config.vision.tokens_per_second)
+  else:
+    pos, deltas = qwen3_vl_get_rope_index(*args)
+
+  out = dict(input_ids=ids.astype(np.int32), attention_mask=mask.astype(bool),
+             position_ids=pos.astype(np.int32), rope_deltas=deltas,
+             pixel_values=None, vision_tables=None, visual_token_index=None)
+  if pixels:
+    grid = np.concatenate(grids)
+    packed = np.concatenate(pixels)
+    np_ = max_patches if max_patches is not None else _round_up(packed.shape[0], PATCH_BUCKET)
+    out["pixel_values"] = qwen_vit.pad_pixel_values(packed, np_)
+    out["vision_tables"] = qwen_vit.vision_inputs(config.vision, grid, np_)
+    out["visual_token_index"] = visual_token_index(
+        ids, config.image_token_id, config.video_token_id, image_grid_thw=image_grid,
+        video_grid_thw=video_grid, spatial_merge_size=m)
+  elif ((ids == config.image_token_id) | (ids == config.video_token_id)).any():
+    raise ValueError("input_ids hold image/video placeholders but the batch has no pixel_values; "
+                     "pass the processor output with its images/videos")
+  return out
+
+
+def generate(model, params, batch: Mapping[str, Any], *, max_new_tokens: int,
+             eos_token_ids: int | Sequence[int], pad_token_id: int, temperature: float = 0.0,
+             top_p: float = 1.0, rng=None, max_patches: int | None = None,
+             prompt_bucket: int = PROMPT_BUCKET) -> np.ndarray:
+  """Generates up to ``max_new_tokens`` tokens after each prompt of a batch.
+
+  Args:
+    model: a :class:`vlm.models.qwen3_vl.Qwen3VL` (or ``Qwen2_5_VL``).
+    params: its ``"params"`` collection (e.g. from ``load_hf_qwen3_vl``), or ``{"params": ...}``.
+    batch: processor output (see :func:`prepare_inputs`); left or right padding.
+    max_new_tokens: number of generated positions (>= 1).
+    eos_token_ids: stop token id(s); a row stops after emitting one (it is kept in the output).
+    pad_token_id: written after a row's stop token (and used to pad the prompt).
+    temperature: 0 = greedy; > 0 samples from ``softmax(logits / temperature)``.
+    top_p: nucleus sampling mass (1.0 = off); only used when sampling.
+    rng: ``jax.random`` key, required when ``temperature > 0``.
+    max_patches: packed vision bucket (see :func:`prepare_inputs`).
+    prompt_bucket: prompt lengths are rounded up to a multiple of this (one compile per bucket).
+  Returns:
+    int64 numpy [B, max_new_tokens].
+  Raises:
+    ValueError: bad sampling settings or inputs (see :func:`prepare_inputs`).
+  """
+  if max_new_tokens < 1:
+    raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+  if temperature < 0:
+    raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+  if not 0.0 < top_p <= 1.0:
+    raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+  if temperature > 0 and rng is None:
+    raise ValueError("sampling (temperature > 0) needs rng=jax.random.PRNGKey(seed)")
+  if rng is None:
+    rng = jax.random.PRNGKey(0)
+  if "params" in params and len(params) == 1:
+    params = params["params"]
+  eos = np.asarray([eos_token_ids] if np.isscalar(eos_token_ids) else list(eos_token_ids),
+                   np.int64)
+  config = model.config
+  inp = prepare_inputs(config, batch, pad_token_id=pad_token_id, prompt_bucket=prompt_bucket,
+                       max_patches=max_patches)
+  b, lp = inp["input_ids"].shape
+  prefill, step = _compiled(model, float(temperature), float(top_p))
+  cache = init_cache(config.text, b, lp + max_new_tokens, model.dtype)
+  rng, sub = jax.random.split(rng)
+  pixels = None if inp["pixel_values"] is None else jnp.asarray(inp["pixel_values"])
+  tok, cache = prefill(params, jnp.asarray(inp["input_ids"]), jnp.asarray(inp["position_ids"]),
+                       jnp.asarray(inp["attention_mask"]), pixels, inp["vision_tables"],
+                       inp["visual_token_index"], cache, sub)
+  out = np.full((b, max_new_tokens), pad_token_id, np.int64)
+  done = np.zeros(b, bool)
+  for i in range(max_new_tokens):
+    t = np.asarray(tok).astype(np.int64)
+    out[:, i] = np.where(done, pad_token_id, t)
+    done |= np.isin(t, eos)
+    if done.all() or i == max_new_tokens - 1:
+      break
+    pos = decode_position_ids(inp["rope_deltas"], lp + i, 1).astype(np.int32)
+    rng, sub = jax.random.split(rng)
+    tok, cache = step(params, jnp.asarray(t[:, None], jnp.int32), jnp.asarray(pos), cache,
+                      jnp.asarray(lp + i, jnp.int32), sub)
+  return out
