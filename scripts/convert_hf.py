@@ -14,11 +14,15 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags  # noqa: E402
 
-flags.DEFINE_string("input", None, "HF checkpoint directory (config.json + safetensors).")
-flags.DEFINE_string("output", None, "Directory to write.")
-flags.DEFINE_string("max_shard_size", None, "Shard the output, e.g. 2GB (default: one file).")
-flags.mark_flags_as_required(["input", "output"])
 FLAGS = flags.FLAGS
+
+
+def define_flags():
+  """Command-line flags (defined only when run as a script, so tests can import ``run``)."""
+  flags.DEFINE_string("input", None, "HF checkpoint directory (config.json + safetensors).")
+  flags.DEFINE_string("output", None, "Directory to write.")
+  flags.DEFINE_string("max_shard_size", None, "Shard the output, e.g. 2GB (default: one file).")
+  flags.mark_flags_as_required(["input", "output"])
 
 
 def convert(src: str, dst: str, max_shard_size: str | None = None) -> int:
@@ -57,4 +61,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

@@ -15,17 +15,21 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags  # noqa: E402
 
-flags.DEFINE_string("checkpoint", None, "HF Qwen3-VL / Qwen2.5-VL checkpoint directory.")
-flags.DEFINE_string("image", None, "Image file.")
-flags.DEFINE_string("prompt", "Describe this image.", "User text.")
-flags.DEFINE_string("video", None, "Optional video file (decoded at the processor's fps).")
-flags.DEFINE_integer("max_new_tokens", 20, "Tokens to generate.")
-flags.DEFINE_float("temperature", 0.0, "0 = greedy; > 0 samples.")
-flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass (with --temperature > 0).")
-flags.DEFINE_integer("seed", 0, "Sampling seed.")
-flags.DEFINE_integer("max_pixels", None, "Override the processor's image pixel budget.")
-flags.mark_flags_as_required(["checkpoint"])
 FLAGS = flags.FLAGS
+
+
+def define_flags():
+  """Command-line flags (defined only when run as a script, so tests can import ``run``)."""
+  flags.DEFINE_string("checkpoint", None, "HF Qwen3-VL / Qwen2.5-VL checkpoint directory.")
+  flags.DEFINE_string("image", None, "Image file.")
+  flags.DEFINE_string("prompt", "Describe this image.", "User text.")
+  flags.DEFINE_string("video", None, "Optional video file (decoded at the processor's fps).")
+  flags.DEFINE_integer("max_new_tokens", 20, "Tokens to generate.")
+  flags.DEFINE_float("temperature", 0.0, "0 = greedy; > 0 samples.")
+  flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass (with --temperature > 0).")
+  flags.DEFINE_integer("seed", 0, "Sampling seed.")
+  flags.DEFINE_integer("max_pixels", None, "Override the processor's image pixel budget.")
+  flags.mark_flags_as_required(["checkpoint"])
 
 
 def run(checkpoint: str, image: str | None, prompt: str, video: str | None = None,
@@ -87,4 +91,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

@@ -4,11 +4,13 @@
   ``save_pretrained`` and read with ``vlm.load_pretrained``; greedy generation of 20 tokens on a
   left-padded batch of two prompts with one image each must equal HF ``generate(do_sample=False)``
   token for token (eos set to an id that only stops a row if both models emit it).
-* ``scripts/generate.py`` (its ``run`` function, in-process) and ``scripts/convert_hf.py`` on a
+* ``scripts/generate.py`` (as a subprocess) and ``scripts/convert_hf.py`` (in-process) on a
   tiny model with the real Qwen3 vocabulary size and a real COCO photo.
 """
 import importlib.util
 import os
+import subprocess
+import sys
 
 import numpy as np
 import torch
@@ -18,7 +20,7 @@ import jax
 from transformers import Qwen3VLConfig as HFConfig, Qwen3VLForConditionalGeneration
 
 import vlm
-from vlm.inference.generate import generate
+from vlm.inference.generate import _compiled, generate
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 IMG, VID, VS, VE, PAD, EOS = 250, 251, 252, 253, 0, 254
@@ -98,6 +100,8 @@ def test_greedy_matches_hf(tmp_path):
   print("stop", stop, got_stop.tolist())
   assert (want_stop == PAD).any()
   np.testing.assert_array_equal(got_stop, want_stop)
+  prefill, step = _compiled(model, 0.0, 1.0)  # two generate calls: one compile each
+  assert prefill._cache_size() == 1 and step._cache_size() == 1
   # sampling runs, is reproducible for a fixed key and stays in the vocabulary
   s1 = generate(model, params, batch, max_new_tokens=4, eos_token_ids=[EOS], pad_token_id=PAD,
                 temperature=0.8, top_p=0.9, rng=jax.random.PRNGKey(1))
@@ -128,9 +132,14 @@ def test_generate_script_real_vocab(tmp_path):
   cfg = HFConfig(vision_config=vision, text_config=text, tie_word_embeddings=True)
   _randomize(Qwen3VLForConditionalGeneration(cfg), 2).save_pretrained(tmp_path / "hf")
   photo = os.path.join(REPO, "data", "coco", "images", "000000000139.jpg")
-  out = _script("generate").run(str(tmp_path / "hf"), photo, "What is in the picture?",
-                                max_new_tokens=5, max_pixels=128 * 128)
-  print("generated:", repr(out))
-  assert isinstance(out, str)
+  cmd = [sys.executable, os.path.join(REPO, "scripts", "generate.py"),
+         f"--checkpoint={tmp_path / 'hf'}", f"--image={photo}",
+         "--prompt=What is in the picture?", "--max_new_tokens=5", f"--max_pixels={128 * 128}"]
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  env.pop("XLA_FLAGS", None)
+  proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env, cwd=REPO)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  print("generated:", repr(proc.stdout))
+  assert proc.stdout.strip()
   n = _script("convert_hf").convert(str(tmp_path / "hf"), str(tmp_path / "rt"))
   assert n > 151936 * 16
