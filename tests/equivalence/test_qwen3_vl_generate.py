@@ -33,6 +33,7 @@ TEXT = dict(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_lay
             rope_scaling={"rope_type": "default", "mrope_section": [4, 2, 2],
                           "mrope_interleaved": True})
 GRIDS = np.array([[1, 4, 6], [1, 2, 4]])   # 6 and 2 merged tokens
+VGRIDS = np.array([[2, 4, 4]])             # 2 frame groups of 4 merged tokens
 NEW = 20
 
 
@@ -63,6 +64,25 @@ def _inputs():
     mask[i, n - len(r):] = 1
   pixels = rng.standard_normal((int(np.prod(GRIDS, axis=1).sum()), 3 * 2 * 8 * 8))
   return ids, mask, pixels.astype(np.float32)
+
+
+def _video_inputs():
+  """Row 0: image 0 and a video of two frame groups (each behind its own timestamp text);
+  row 1 (left padded): image 1."""
+  rng = np.random.RandomState(1)
+  txt = lambda n: list(rng.randint(1, 200, size=n))
+  blk = lambda n, tok: [VS] + [tok] * n + [VE]
+  t, h, w = VGRIDS[0]
+  video = sum((txt(2) + blk(h * w // 4, VID) for _ in range(t)), [])
+  rows = [txt(2) + blk(6, IMG) + txt(1) + video + txt(2), txt(3) + blk(2, IMG) + txt(2)]
+  n = max(map(len, rows))
+  ids = np.full((2, n), PAD, np.int64)
+  mask = np.zeros((2, n), np.int64)
+  for i, r in enumerate(rows):
+    ids[i, n - len(r):] = r
+    mask[i, n - len(r):] = 1
+  pixels = rng.standard_normal((int(np.prod(VGRIDS)), 3 * 2 * 8 * 8)).astype(np.float32)
+  return ids, mask, pixels
 
 
 def test_greedy_matches_hf(tmp_path):
@@ -102,6 +122,22 @@ def test_greedy_matches_hf(tmp_path):
   np.testing.assert_array_equal(got_stop, want_stop)
   prefill, step = _compiled(model, 0.0, 1.0)  # two generate calls: one compile each
   assert prefill._cache_size() == 1 and step._cache_size() == 1
+
+  # images and a video in one batch (packed images then videos, Qwen3-VL per-frame blocks)
+  vids, vmask, vpix = _video_inputs()
+  with torch.no_grad():
+    want_v = hf.generate(input_ids=torch.tensor(vids), attention_mask=torch.tensor(vmask),
+                         pixel_values=torch.tensor(pixels), image_grid_thw=torch.tensor(GRIDS),
+                         pixel_values_videos=torch.tensor(vpix),
+                         video_grid_thw=torch.tensor(VGRIDS), do_sample=False,
+                         max_new_tokens=8, eos_token_id=EOS,
+                         pad_token_id=PAD).numpy()[:, vids.shape[1]:]
+  got_v = generate(model, params, dict(input_ids=vids, attention_mask=vmask, pixel_values=pixels,
+                                       image_grid_thw=GRIDS, pixel_values_videos=vpix,
+                                       video_grid_thw=VGRIDS),
+                   max_new_tokens=8, eos_token_ids=EOS, pad_token_id=PAD)
+  print("video", got_v.tolist())
+  np.testing.assert_array_equal(got_v, want_v)
   # sampling runs, is reproducible for a fixed key and stays in the vocabulary
   s1 = generate(model, params, batch, max_new_tokens=4, eos_token_ids=[EOS], pad_token_id=PAD,
                 temperature=0.8, top_p=0.9, rng=jax.random.PRNGKey(1))
