@@ -6,7 +6,8 @@ into one vision call (:func:`vlm.models.qwen_vit.vision_inputs`) and every place
 its merged row (:func:`vlm.models.qwen3_vl.visual_token_index`).
 
 Device side: one jitted prefill fills a KV cache of ``prompt_len + max_new_tokens`` slots
-(:func:`vlm.models.qwen3.init_cache`), then a jitted one-token decode step (position ids
+(:func:`vlm.models.qwen3.init_cache`; ``Qwen3VL.logits`` is intercepted so that only the last
+position is projected to the vocabulary), then a jitted one-token decode step (position ids
 ``cache_index + rope_deltas`` on all three MRoPE rows, spec 7.5,
 :func:`vlm.models.qwen3_vl.decode_position_ids`) runs in a Python loop; the step compiles once.
 Greedy (``temperature == 0``) or temperature + nucleus (top-p) sampling; each row stops at its
@@ -19,10 +20,12 @@ from typing import Any, Mapping, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import linen as nn
 
 from vlm.models import qwen_vit
 from vlm.models.qwen3 import init_cache
-from vlm.models.qwen3_vl import Qwen2_5_VLConfig, decode_position_ids, visual_token_index
+from vlm.models.qwen3_vl import (Qwen2_5_VLConfig, Qwen3VL, decode_position_ids,
+                                  visual_token_index)
 from vlm.models.rope_index import qwen2_5_vl_get_rope_index, qwen3_vl_get_rope_index
 
 PROMPT_BUCKET = 64
@@ -96,9 +99,16 @@ def _compiled(model, temperature: float, top_p: float):
   if key in _COMPILED and _COMPILED[key][0] is model:
     return _COMPILED[key][1]
 
+  def last_only(next_fun, args, kwargs, context):
+    # only the last prompt position's logits are needed: project [B, 1, D], not [B, Lp, V]
+    if isinstance(context.module, Qwen3VL) and context.method_name == "logits" and args:
+      args = (args[0][:, -1:],) + tuple(args[1:])
+    return next_fun(*args, **kwargs)
+
   def prefill(params, ids, pos, mask, pixels, tables, index, cache, rng):
-    logits, cache = model.apply({"params": params}, ids, pos, mask, pixels, tables, index,
-                                cache, 0)
+    with nn.intercept_methods(last_only):
+      logits, cache = model.apply({"params": params}, ids, pos, mask, pixels, tables, index,
+                                  cache, 0)
     return sample_tokens(logits[:, -1], rng, temperature, top_p), cache
 
   def step(params, tok, pos, cache, cache_index, rng):
