@@ -4,6 +4,7 @@ The XLA flag must be set before jax initialises its backends, so it is set at im
 before any test module imports jax.
 """
 import os
+import tempfile
 
 os.environ.setdefault("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in os.environ["XLA_FLAGS"]:
@@ -20,6 +21,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+# Identical programs (the micro train step of several end-to-end runs) compile once per machine.
+jax.config.update("jax_compilation_cache_dir",
+                  os.path.join(tempfile.gettempdir(), "vlm-tests-jax-cache"))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
 
 def pytest_configure(config):
