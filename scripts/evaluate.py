@@ -33,6 +33,8 @@ FLAGS = flags.FLAGS
 def main(argv):
   del argv
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+  for name in ("absl", "jax._src.xla_bridge", "orbax"):
+    logging.getLogger(name).setLevel(logging.WARNING)
   import jax
   from vlm.models.blip2 import Blip2Stage1
   from vlm.train import evaluators, loop
