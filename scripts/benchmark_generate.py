@@ -5,6 +5,8 @@ Usage::
   python scripts/benchmark_generate.py                          # hidden 256, 4 layers, N=32, B=2
   python scripts/benchmark_generate.py --hidden_size 512 --layers 8 --new_tokens 64 --iters 5
   python scripts/benchmark_generate.py --json /tmp/bench_generate.json
+  python scripts/benchmark_generate.py --torch_threads 1 --iters 5   # on a shared/loaded CPU: HF's
+                                                                      # multi-threaded timings swing
 
 What it does, in one process with one config:
 
