@@ -27,7 +27,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from vlm.models.eva_vit import (ACTIVATION_AXES, VisionEmbeddings, VisionEncoder, VisionMlp,
+from vlm.models.eva_vit import (ACTIVATION_AXES, EvaBlock, VisionEmbeddings, VisionEncoder,
                                 validate_pixel_values)
 from vlm.models.presets import Blip2VisionConfig
 from vlm.nn import layers
@@ -61,24 +61,13 @@ class ClipAttention(nn.Module):
         out.reshape(b, l, d))
 
 
-class ClipBlock(nn.Module):
-  """Pre-LN CLIP residual block (HF ``CLIPEncoderLayer``; LAVIS ``ResidualAttentionBlock``).
+class ClipBlock(EvaBlock):
+  """Pre-LN CLIP residual block (HF ``CLIPEncoderLayer``; LAVIS ``ResidualAttentionBlock``):
+  :class:`EvaBlock` with :class:`ClipAttention` (q/k/v all with bias, ``out_proj``).
 
   Shapes: [B, L, Dv] -> [B, L, Dv]; output constrained to (BATCH, LENGTH, EMBED).
   """
-  config: Blip2VisionConfig
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x):
-    cfg = self.config
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    h = layers.LayerNorm(epsilon=cfg.layer_norm_eps, name="layer_norm1", **kw)(x)
-    x = x + ClipAttention(cfg, name="self_attn", **kw)(h)
-    h = layers.LayerNorm(epsilon=cfg.layer_norm_eps, name="layer_norm2", **kw)(x)
-    x = x + VisionMlp(cfg, name="mlp", **kw)(h)
-    return P.constrain(x, ACTIVATION_AXES)
+  attention_cls = ClipAttention
 
 
 class ClipVisionModel(nn.Module):

@@ -21,7 +21,7 @@ CLIP tower in :mod:`vlm.models.clip_vit`.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -183,17 +183,19 @@ class EvaBlock(nn.Module):
 
   ``x = x + attn(ln1(x)); x = x + mlp(ln2(x))``, LNs with ``config.layer_norm_eps``.
   Shapes: [B, L, Dv] -> [B, L, Dv]; the output carries the (BATCH, LENGTH, EMBED) constraint.
+  The CLIP block is the same with another attention (``attention_cls``, a class attribute).
   """
   config: Blip2VisionConfig
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  attention_cls: ClassVar[type] = EvaAttention
 
   @nn.compact
   def __call__(self, x):
     cfg = self.config
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     h = layers.LayerNorm(epsilon=cfg.layer_norm_eps, name="layer_norm1", **kw)(x)
-    x = x + EvaAttention(cfg, name="self_attn", **kw)(h)
+    x = x + self.attention_cls(cfg, name="self_attn", **kw)(h)
     h = layers.LayerNorm(epsilon=cfg.layer_norm_eps, name="layer_norm2", **kw)(x)
     x = x + VisionMlp(cfg, name="mlp", **kw)(h)
     return P.constrain(x, ACTIVATION_AXES)
