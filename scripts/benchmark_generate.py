@@ -27,8 +27,9 @@ What it does, in one process with one config:
      text model into the KV cache + first token; host-side ``prepare_inputs`` not included, it is
      reported separately); HF = ``model(**inputs, use_cache=True, logits_to_keep=1)`` (what
      ``generate`` runs for its first step). prefill tokens/s = B * prompt length / time.
-   * decode: vlm = the ``N - 1`` jitted one-token steps of ``generate``'s loop, host loop included
-     (the first new token comes from the prefill); HF = ``model.generate(do_sample=False,
+   * decode: vlm = ``generate``'s jitted decode call, which runs the ``N - 1`` one-token steps
+     as one on-device ``lax.while_loop`` (the first new token comes from the prefill; no stop
+     token can end it early); HF = ``model.generate(do_sample=False,
      max_new_tokens=N, min_new_tokens=N)`` minus the median HF prefill time. decode tokens/s =
      B * (N - 1) / time (both sides decode N - 1 steps after the prefill).
    * vlm ``generate()`` end to end (host prep + prefill + loop), for reference.
@@ -153,9 +154,9 @@ def main(argv=None):
   from transformers import Qwen3VLConfig as HFConfig, Qwen3VLForConditionalGeneration
 
   from vlm.convert.hf_qwen3_vl import load_hf_qwen3_vl
-  from vlm.inference.generate import _compiled, generate, prepare_inputs
+  from vlm.inference.generate import compiled, generate, prepare_inputs
   from vlm.models.qwen3 import init_cache
-  from vlm.models.qwen3_vl import Qwen3VL, decode_position_ids
+  from vlm.models.qwen3_vl import Qwen3VL
 
   if args.torch_threads:
     torch.set_num_threads(args.torch_threads)
@@ -244,7 +245,7 @@ def main(argv=None):
   prep_s = time.perf_counter() - t0
   lp = inp["input_ids"].shape[1]
   assert lp == L, (lp, L)
-  prefill, step = _compiled(model, 0.0, 1.0)
+  fns = compiled(model, 0.0, 1.0, PAD)
   key = jax.random.PRNGKey(0)
   x_ids, x_pos = jnp.asarray(inp["input_ids"]), jnp.asarray(inp["position_ids"])
   x_mask, x_pix = jnp.asarray(inp["attention_mask"]), jnp.asarray(inp["pixel_values"])
@@ -254,20 +255,23 @@ def main(argv=None):
     return jax.block_until_ready(init_cache(config.text, B, lp + N, model.dtype))
 
   def vlm_prefill(cache):
-    return jax.block_until_ready(prefill(params, x_ids, x_pos, x_mask, x_pix, tables, vindex,
-                                         cache, key))
+    return jax.block_until_ready(fns.prefill(params, x_ids, x_pos, x_mask, x_pix, tables,
+                                             vindex, cache, key))
 
   def vlm_after_prefill():
     return vlm_prefill(new_cache())
 
+  deltas = jnp.asarray(inp["rope_deltas"], jnp.int32)
+  no_eos = jnp.asarray([-1], jnp.int32)  # never emitted: exactly N - 1 steps, like min_new_tokens
+  not_done = jnp.zeros((B,), bool)
+
   def vlm_decode(state):
     tok, cache = state
-    for i in range(N - 1):
-      t_ = np.asarray(tok).astype(np.int64)
-      pos = decode_position_ids(inp["rope_deltas"], lp + i, 1).astype(np.int32)
-      tok, cache = step(params, jnp.asarray(t_[:, None], jnp.int32), jnp.asarray(pos), cache,
-                        jnp.asarray(lp + i, jnp.int32), key)
-    return np.asarray(tok)
+    out, steps = fns.decode(params, tok, cache, deltas, lp, jnp.asarray(N, jnp.int32), no_eos,
+                            key, not_done)
+    out = np.asarray(out)
+    assert int(steps) == N - 1, int(steps)
+    return out
 
   def vlm_generate(_):
     return generate(model, params, batch, max_new_tokens=N, eos_token_ids=[EOS], **kw)
@@ -289,7 +293,7 @@ def main(argv=None):
   want = hf_generate(None)
   same = got.shape == want.shape and bool((got == want).all())
   agree = (got == want).mean() if got.shape == want.shape else 0.0
-  print(f"\n== vlm first generate() (prefill + step compile): {compile_s:.1f}s; host "
+  print(f"\n== vlm first generate() (prefill + decode compile): {compile_s:.1f}s; host "
         f"prepare_inputs {prep_s * 1e3:.1f} ms")
   print(f"== greedy tokens identical vlm vs HF: {same} ({agree * 100:.1f}% of {got.size} "
         f"positions agree)")
@@ -340,8 +344,8 @@ def main(argv=None):
     print(f"{phase:13s} {unit:10s} {v:10.1f} {h:10.1f} {v / h:7.2f}")
     summary.append({"phase": phase, "unit": unit, "vlm": v, "hf": h, "ratio_vlm_over_hf": v / h})
   print(f"(HF decode = HF generate {timings['hf/generate']['median_s'] * 1e3:.1f} ms - HF prefill "
-        f"{timings['hf/prefill']['median_s'] * 1e3:.1f} ms; vlm decode = {N - 1} jitted steps "
-        f"with the host loop; vlm prefill excludes host prepare_inputs "
+        f"{timings['hf/prefill']['median_s'] * 1e3:.1f} ms; vlm decode = {N - 1} steps "
+        f"in one jitted while_loop; vlm prefill excludes host prepare_inputs "
         f"({prep_s * 1e3:.1f} ms), vlm/generate includes it)")
   results = {"env": env, "args": vars(args), "prompt_len": L, "n_patches": n_patch,
              "greedy_identical": same, "greedy_agreement": float(agree),

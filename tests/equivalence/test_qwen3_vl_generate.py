@@ -20,7 +20,7 @@ import jax
 from transformers import Qwen3VLConfig as HFConfig, Qwen3VLForConditionalGeneration
 
 import vlm
-from vlm.inference.generate import _compiled, generate
+from vlm.inference.generate import compiled, generate
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 IMG, VID, VS, VE, PAD, EOS = 250, 251, 252, 253, 0, 254
@@ -120,8 +120,18 @@ def test_greedy_matches_hf(tmp_path):
   print("stop", stop, got_stop.tolist())
   assert (want_stop == PAD).any()
   np.testing.assert_array_equal(got_stop, want_stop)
-  prefill, step = _compiled(model, 0.0, 1.0)  # two generate calls: one compile each
-  assert prefill._cache_size() == 1 and step._cache_size() == 1
+  fns = compiled(model, 0.0, 1.0, PAD)  # two generate calls: one compile each
+  assert fns.prefill._cache_size() == 1 and fns.decode._cache_size() == 1
+  # fewer new tokens (same bucket) and a batch of one row: no new decode compile for the former
+  got_short = generate(model, params, batch, max_new_tokens=NEW - 3, eos_token_ids=[EOS],
+                       pad_token_id=PAD)
+  np.testing.assert_array_equal(got_short, want[:, :NEW - 3])
+  assert fns.prefill._cache_size() == 1 and fns.decode._cache_size() == 1
+  one = {k: v[1:] for k, v in batch.items() if k in ("input_ids", "attention_mask")}
+  one.update(pixel_values=pixels[GRIDS[0].prod():], image_grid_thw=GRIDS[1:])
+  np.testing.assert_array_equal(
+      generate(model, params, one, max_new_tokens=NEW, eos_token_ids=[EOS], pad_token_id=PAD),
+      want[1:])
 
   # images and a video in one batch (packed images then videos, Qwen3-VL per-frame blocks)
   vids, vmask, vpix = _video_inputs()

@@ -5,17 +5,19 @@ Host side (numpy): the prompt is left-padded to a length bucket, MRoPE position 
 into one vision call (:func:`vlm.models.qwen_vit.vision_inputs`) and every placeholder token gets
 its merged row (:func:`vlm.models.qwen3_vl.visual_token_index`).
 
-Device side: one jitted prefill fills a KV cache of ``prompt_len + max_new_tokens`` slots
-(:func:`vlm.models.qwen3.init_cache`; ``Qwen3VL.logits`` is intercepted so that only the last
-position is projected to the vocabulary), then a jitted one-token decode step (position ids
-``cache_index + rope_deltas`` on all three MRoPE rows, spec 7.5,
-:func:`vlm.models.qwen3_vl.decode_position_ids`) runs in a Python loop; the step compiles once.
-Greedy (``temperature == 0``) or temperature + nucleus (top-p) sampling; each row stops at its
+Device side (:func:`compiled`): one jitted prefill fills a KV cache of ``prompt_len +
+round_up(max_new_tokens, 32)`` slots (:func:`vlm.models.qwen3.init_cache`; ``Qwen3VL.logits`` is
+intercepted so that only the last position is projected to the vocabulary), then one jitted
+decode call runs the whole token loop on the device as a ``lax.while_loop`` (position ids
+``cache_index + rope_deltas`` on all three MRoPE rows, spec 7.5; the cache is donated and updated
+in place; the loop exits early once every row has stopped). Prompt length, batch size
+(:func:`batch_bucket`) and new-token count are bucketed, so a new request within the buckets does
+not recompile. Greedy (``temperature == 0``) or temperature + nucleus (top-p) sampling; each row stops at its
 first stop token, later positions are filled with ``pad_token_id`` (HF ``generate`` semantics).
 """
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -24,12 +26,12 @@ from flax import linen as nn
 
 from vlm.models import qwen_vit
 from vlm.models.qwen3 import init_cache
-from vlm.models.qwen3_vl import (Qwen2_5_VLConfig, Qwen3VL, decode_position_ids,
-                                  visual_token_index)
+from vlm.models.qwen3_vl import Qwen2_5_VLConfig, Qwen3VL, visual_token_index
 from vlm.models.rope_index import qwen2_5_vl_get_rope_index, qwen3_vl_get_rope_index
 
 PROMPT_BUCKET = 64
 PATCH_BUCKET = 256
+NEW_TOKEN_BUCKET = 32
 
 
 def _round_up(n: int, m: int) -> int:
@@ -90,12 +92,43 @@ def sample_tokens(logits, rng, temperature: float, top_p: float):
   return jax.random.categorical(rng, filtered, axis=-1).astype(jnp.int32)
 
 
+def batch_bucket(batch: int) -> int:
+  """Batch sizes compiled for: 1, 2, 4, 8, then multiples of 8 (extra rows are copies of row 0,
+  finished from the start, and dropped from the output)."""
+  if batch < 1:
+    raise ValueError(f"batch must be >= 1, got {batch}")
+  return 1 << (batch - 1).bit_length() if batch <= 8 else _round_up(batch, 8)
+
+
+class GenerateFns(NamedTuple):
+  """The two jitted device functions of :func:`generate` for one model and sampling setting.
+
+  ``prefill(params, input_ids, position_ids, attention_mask, pixel_values, vision_tables,
+  visual_token_index, kv_cache, rng) -> (first_token int32 [B], kv_cache)``: the vision tower and
+  the whole prompt through the decoder into an empty cache; only the last position is projected to
+  the vocabulary.
+
+  ``decode(params, first_token, kv_cache, rope_deltas, prompt_len, max_new_tokens, eos, rng,
+  done) -> (tokens int32 [B, N], steps int32 [])``: the decode loop as one ``lax.while_loop`` on
+  the device (no host round trip per token). ``rope_deltas`` int32 [B, 1]; ``prompt_len`` (static
+  int) is the prompt bucket; ``N = T - prompt_len`` is the output width (cache slots ``T`` minus
+  the prompt); ``max_new_tokens`` (int32 scalar, <= N), ``eos`` (int32 [S]) and ``done`` (bool
+  [B], rows finished from the start, e.g. batch padding) are data, so none recompiles. Row ``b``
+  stops after its first stop token; the loop ends when every row has stopped; later slots hold
+  ``pad_token_id``. ``steps`` counts decoder calls after the prefill (for benchmarks). Token
+  ``i`` is sampled with ``fold_in(rng, i)``.
+  """
+  prefill: Any
+  decode: Any
+
+
 _COMPILED: dict = {}
 
 
-def _compiled(model, temperature: float, top_p: float):
-  """(prefill, step) jitted for one model / sampling setting (cached: repeated calls reuse them)."""
-  key = (id(model), temperature, top_p)
+def compiled(model, temperature: float, top_p: float, pad_token_id: int) -> GenerateFns:
+  """:class:`GenerateFns` jitted for one model / sampling setting, cached so that repeated
+  :func:`generate` calls reuse the compilations (one per prompt, batch and new-token bucket)."""
+  key = (id(model), temperature, top_p, pad_token_id)
   if key in _COMPILED and _COMPILED[key][0] is model:
     return _COMPILED[key][1]
 
@@ -111,13 +144,36 @@ def _compiled(model, temperature: float, top_p: float):
                                   cache, 0)
     return sample_tokens(logits[:, -1], rng, temperature, top_p), cache
 
-  def step(params, tok, pos, cache, cache_index, rng):
-    mask = jnp.ones(tok.shape, bool)
-    logits, cache = model.apply({"params": params}, tok, pos, mask, kv_cache=cache,
-                                cache_index=cache_index)
-    return sample_tokens(logits[:, -1], rng, temperature, top_p), cache
+  def decode(params, first, cache, deltas, prompt_len, max_new, eos, rng, done):
+    b = first.shape[0]
+    n = cache["mask"].shape[1] - prompt_len  # static: an int, part of the compile key
+    is_eos = lambda t: (t[:, None] == eos[None, :]).any(-1)
+    out = jnp.full((b, n), pad_token_id, jnp.int32).at[:, 0].set(first)
+    done = done | is_eos(first)
+    real = jnp.ones((b, 1), bool)
+    start = jnp.asarray(prompt_len, jnp.int32)
 
-  fns = jax.jit(prefill), jax.jit(step, donate_argnums=(3,))
+    def cond(carry):
+      i, _, _, done, _ = carry
+      return (i < max_new) & ~done.all()
+
+    def body(carry):
+      i, cache, out, done, tok = carry
+      index = start + i - 1  # slot of the token fed now (token i - 1)
+      pos = jnp.broadcast_to((index + deltas)[None], (3, b, 1)).astype(jnp.int32)
+      logits, cache = model.apply({"params": params}, tok[:, None], pos, real, kv_cache=cache,
+                                  cache_index=index)
+      new = sample_tokens(logits[:, -1], jax.random.fold_in(rng, i), temperature, top_p)
+      new = jnp.where(done, pad_token_id, new)
+      out = jax.lax.dynamic_update_slice(out, new[:, None], (0, i))
+      return i + 1, cache, out, done | is_eos(new), new
+
+    init = (jnp.asarray(1, jnp.int32), cache, out, done, first)
+    steps, _, out, _, _ = jax.lax.while_loop(cond, body, init)
+    return out, steps - 1
+
+  fns = GenerateFns(jax.jit(prefill, donate_argnums=(7,)),
+                    jax.jit(decode, static_argnums=(4,)))  # the loop carry is updated in place
   if len(_COMPILED) > 16:
     _COMPILED.clear()
   _COMPILED[key] = (model, fns)
@@ -200,7 +256,8 @@ def prepare_inputs(config, batch: Mapping[str, Any], *, pad_token_id: int,
 def generate(model, params, batch: Mapping[str, Any], *, max_new_tokens: int,
              eos_token_ids: int | Sequence[int], pad_token_id: int, temperature: float = 0.0,
              top_p: float = 1.0, rng=None, max_patches: int | None = None,
-             prompt_bucket: int = PROMPT_BUCKET) -> np.ndarray:
+             prompt_bucket: int = PROMPT_BUCKET,
+             new_token_bucket: int = NEW_TOKEN_BUCKET) -> np.ndarray:
   """Generates up to ``max_new_tokens`` tokens after each prompt of a batch.
 
   Args:
@@ -215,6 +272,9 @@ def generate(model, params, batch: Mapping[str, Any], *, max_new_tokens: int,
     rng: ``jax.random`` key, required when ``temperature > 0``.
     max_patches: packed vision bucket (see :func:`prepare_inputs`).
     prompt_bucket: prompt lengths are rounded up to a multiple of this (one compile per bucket).
+    new_token_bucket: the KV cache holds ``round_up(max_new_tokens, new_token_bucket)`` new
+      slots; ``max_new_tokens`` within one bucket does not recompile. Batch sizes are bucketed by
+      :func:`batch_bucket`. Compilations: one per (prompt, batch, new-token, patch) bucket.
   Returns:
     int64 numpy [B, max_new_tokens].
   Raises:
@@ -230,31 +290,32 @@ def generate(model, params, batch: Mapping[str, Any], *, max_new_tokens: int,
     raise ValueError("sampling (temperature > 0) needs rng=jax.random.PRNGKey(seed)")
   if rng is None:
     rng = jax.random.PRNGKey(0)
+  if new_token_bucket < 1:
+    raise ValueError(f"new_token_bucket must be >= 1, got {new_token_bucket}")
   if "params" in params and len(params) == 1:
     params = params["params"]
   eos = np.asarray([eos_token_ids] if np.isscalar(eos_token_ids) else list(eos_token_ids),
-                   np.int64)
+                   np.int32).reshape(-1)
+  if eos.size == 0:
+    raise ValueError("eos_token_ids is empty: pass at least one stop token id")
   config = model.config
   inp = prepare_inputs(config, batch, pad_token_id=pad_token_id, prompt_bucket=prompt_bucket,
                        max_patches=max_patches)
   b, lp = inp["input_ids"].shape
-  prefill, step = _compiled(model, float(temperature), float(top_p))
-  cache = init_cache(config.text, b, lp + max_new_tokens, model.dtype)
-  rng, sub = jax.random.split(rng)
+  bb = batch_bucket(b)
+  rows = np.concatenate([np.arange(b), np.zeros(bb - b, np.int64)])  # filler rows copy row 0
+  pick = lambda x: None if x is None else np.asarray(x)[rows]
+  width = _round_up(max_new_tokens, new_token_bucket)
+  fns = compiled(model, float(temperature), float(top_p), int(pad_token_id))
+  cache = init_cache(config.text, bb, lp + width, model.dtype)
+  rng_prefill, rng_decode = jax.random.split(rng)
   pixels = None if inp["pixel_values"] is None else jnp.asarray(inp["pixel_values"])
-  tok, cache = prefill(params, jnp.asarray(inp["input_ids"]), jnp.asarray(inp["position_ids"]),
-                       jnp.asarray(inp["attention_mask"]), pixels, inp["vision_tables"],
-                       inp["visual_token_index"], cache, sub)
-  out = np.full((b, max_new_tokens), pad_token_id, np.int64)
-  done = np.zeros(b, bool)
-  for i in range(max_new_tokens):
-    t = np.asarray(tok).astype(np.int64)
-    out[:, i] = np.where(done, pad_token_id, t)
-    done |= np.isin(t, eos)
-    if done.all() or i == max_new_tokens - 1:
-      break
-    pos = decode_position_ids(inp["rope_deltas"], lp + i, 1).astype(np.int32)
-    rng, sub = jax.random.split(rng)
-    tok, cache = step(params, jnp.asarray(t[:, None], jnp.int32), jnp.asarray(pos), cache,
-                      jnp.asarray(lp + i, jnp.int32), sub)
-  return out
+  first, cache = fns.prefill(
+      params, jnp.asarray(pick(inp["input_ids"])),
+      jnp.asarray(np.asarray(inp["position_ids"])[:, rows]),
+      jnp.asarray(pick(inp["attention_mask"])), pixels, inp["vision_tables"],
+      pick(inp["visual_token_index"]), cache, rng_prefill)
+  out, _ = fns.decode(params, first, cache, jnp.asarray(pick(inp["rope_deltas"]), jnp.int32), lp,
+                      jnp.asarray(max_new_tokens, jnp.int32), jnp.asarray(eos), rng_decode,
+                      jnp.asarray(np.arange(bb) >= b))
+  return np.asarray(out)[:b, :max_new_tokens].astype(np.int64)
