@@ -27,6 +27,12 @@ def test_blip2_dispatch_and_convert_script(tmp_path):
   mod = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(mod)
   assert mod.convert(str(tmp_path / "hf"), str(tmp_path / "rt")) > 0
+  # bf16 parameters and compute on request; Qwen-only switches are refused for BLIP-2
+  model16, params16, _ = vlm.load_pretrained(tmp_path / "hf", dtype=jnp.bfloat16,
+                                             param_dtype=jnp.bfloat16)
+  assert model16.dtype == jnp.bfloat16 and params16["query_tokens"].dtype == jnp.bfloat16
+  with pytest.raises(ValueError, match="Qwen checkpoints only"):
+    vlm.load_pretrained(tmp_path / "hf", scan_layers=True)
 
 
 def test_bad_directories(tmp_path):

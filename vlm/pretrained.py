@@ -43,20 +43,35 @@ def _qwen_processor(path: str, config) -> Any:
   return cls(pcfg, padding_side="left")
 
 
-def load_pretrained(path: str | os.PathLike) -> tuple[Any, dict, Any]:
+def load_pretrained(path: str | os.PathLike, *, dtype: Any = None, param_dtype: Any = None,
+                    scan_layers: bool = False, remat: bool = False,
+                    moe_implementation: str | None = None) -> tuple[Any, dict, Any]:
   """Loads an HF checkpoint directory as a vlm model.
 
   Args:
     path: directory with ``config.json`` and safetensors weights (HF ``save_pretrained`` layout).
+    dtype: compute dtype of the module (default float32), e.g. ``jnp.bfloat16``.
+    param_dtype: dtype of the returned parameters (default float32; ``jnp.bfloat16`` keeps a
+      bf16 checkpoint at half the memory).
+    scan_layers, remat: Qwen only: decoder layers under ``nn.scan`` (parameters returned stacked,
+      ``language_model/layers``) and rematerialised, for training; see :class:`Qwen3VL`.
+    moe_implementation: Qwen MoE only: ``"dense"`` or ``"ragged"`` expert evaluation
+      (``Qwen3TextConfig.moe_implementation``); None keeps the config default.
   Returns:
-    ``(model, params, processor)``: a Flax module, its ``"params"`` collection (float32 jnp
-    arrays), and the matching processor (Qwen: a left-padding ``Qwen3VLProcessor`` /
+    ``(model, params, processor)``: a Flax module, its ``"params"`` collection (jnp arrays of
+    ``param_dtype``), and the matching processor (Qwen: a left-padding ``Qwen3VLProcessor`` /
     ``Qwen2_5_VLProcessor``; BLIP-2: a :class:`vlm.data.text.Blip2Tokenizer`).
   Raises:
     FileNotFoundError: no ``config.json`` in ``path``.
-    ValueError: unsupported ``model_type`` (the supported ones are listed), or weights that do
-      not match the config (from the converters).
+    ValueError: unsupported ``model_type`` (the supported ones are listed), weights that do
+      not match the config (from the converters), Qwen-only options on a BLIP-2 checkpoint, or
+      ``scan_layers`` on a model that mixes dense and MoE layers.
   """
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  dtype = jnp.float32 if dtype is None else dtype
+  param_dtype = jnp.float32 if param_dtype is None else param_dtype
   path = os.fspath(path)
   cfg_file = os.path.join(path, "config.json")
   if not os.path.exists(cfg_file):
@@ -66,14 +81,23 @@ def load_pretrained(path: str | os.PathLike) -> tuple[Any, dict, Any]:
   if model_type in QWEN_TYPES:
     from vlm.convert.hf_qwen3_vl import load_hf_qwen3_vl
     from vlm.models.qwen3_vl import Qwen2_5_VL, Qwen2_5_VLConfig, Qwen3VL
-    config, params = load_hf_qwen3_vl(path)
-    model = Qwen2_5_VL(config) if isinstance(config, Qwen2_5_VLConfig) else Qwen3VL(config)
+    config, params = load_hf_qwen3_vl(path, np.dtype(param_dtype), scan_layers=scan_layers)
+    if moe_implementation is not None:
+      config = dataclasses.replace(
+          config, text=dataclasses.replace(config.text, moe_implementation=moe_implementation))
+    cls = Qwen2_5_VL if isinstance(config, Qwen2_5_VLConfig) else Qwen3VL
+    model = cls(config, dtype=dtype, param_dtype=param_dtype, scan_layers=scan_layers,
+                remat=remat)
     return model, params, _qwen_processor(path, config)
   if model_type in BLIP2_TYPES:
+    if scan_layers or remat or moe_implementation is not None:
+      raise ValueError("scan_layers, remat and moe_implementation apply to Qwen checkpoints only; "
+                       f"{path} is BLIP-2")
     from vlm.convert.hf_blip2 import load_hf_blip2
     from vlm.data.text import Blip2Tokenizer
     from vlm.models.blip2 import Blip2Stage1
     config, params = load_hf_blip2(path)
-    return Blip2Stage1(config), params, Blip2Tokenizer()
+    params = jax.tree_util.tree_map(lambda x: jnp.asarray(x, param_dtype), params)
+    return Blip2Stage1(config, dtype=dtype, param_dtype=param_dtype), params, Blip2Tokenizer()
   raise ValueError(f"{cfg_file} has model_type {model_type!r}; load_pretrained supports "
                    f"{QWEN_TYPES + BLIP2_TYPES}")

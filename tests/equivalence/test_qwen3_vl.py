@@ -147,6 +147,22 @@ def test_logits_and_round_trip(tmp_path, moe):
   assert config2 == config
   jax.tree_util.tree_map(np.testing.assert_array_equal, params, params2)
 
+  # scanned decoder through the public entry: stacked params, same logits, same HF export
+  import vlm
+  model_s, params_s, _ = vlm.load_pretrained(tmp_path / "hf", scan_layers=True, remat=True)
+  assert model_s.scan_layers and model_s.remat
+  assert "layers" in params_s["language_model"] and "layers_0" not in params_s["language_model"]
+  got_s, _ = jax.jit(model_s.apply)({"params": params_s}, jnp.asarray(ids, jnp.int32),
+                                    jnp.asarray(pos, jnp.int32), jnp.asarray(mask, bool),
+                                    jnp.asarray(np.concatenate([img_px, vid_px])), tables,
+                                    jnp.asarray(index))
+  err_s = float(np.abs(np.asarray(got_s)[real] - want[real]).max())
+  print(f"scanned logits max abs err {err_s:.2e}")
+  assert err_s <= TOL
+  save_hf_qwen3_vl(config, params_s, str(tmp_path / "vlm_scan"))
+  _, params3 = load_hf_qwen3_vl(str(tmp_path / "vlm_scan"))
+  jax.tree_util.tree_map(np.testing.assert_array_equal, params, params3)
+
 
 def test_key_errors(tmp_path):
   from safetensors.numpy import load_file, save_file

@@ -29,6 +29,7 @@ import ml_dtypes
 from vlm.convert.hf_blip2 import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, _parse_size
 from vlm.models import qwen_vit
 from vlm.models.qwen3_vl import Qwen2_5_VLConfig, Qwen3VL, Qwen3VLConfig
+from vlm.models.qwen3 import stack_layers, unstack_layers
 
 _QWEN3_TYPES = ("qwen3_vl", "qwen3_vl_moe")
 _QWEN25_TYPES = ("qwen2_5_vl",)
@@ -327,7 +328,8 @@ def _format(keys, limit=20):
 # Load / save.
 
 
-def load_hf_qwen3_vl(path: str, dtype=np.float32) -> tuple[Qwen3VLConfig, dict]:
+def load_hf_qwen3_vl(path: str, dtype=np.float32,
+                     scan_layers: bool = False) -> tuple[Qwen3VLConfig, dict]:
   """Loads an HF Qwen3-VL / Qwen3-VL-MoE / Qwen2.5-VL ``save_pretrained`` directory.
 
   Args:
@@ -335,6 +337,9 @@ def load_hf_qwen3_vl(path: str, dtype=np.float32) -> tuple[Qwen3VLConfig, dict]:
       ``model.safetensors.index.json`` + shards).
     dtype: numpy dtype of the returned arrays (e.g. ``jnp.bfloat16`` to keep a bf16 checkpoint
       as is).
+    scan_layers: return the decoder layers stacked for ``Qwen3VL(config, scan_layers=True)``
+      (``language_model/layers/...`` with a leading layer axis, :func:`vlm.models.qwen3.stack_layers`)
+      instead of ``language_model/layers_{i}``.
   Returns:
     ``(config, params)``: params is the ``"params"`` collection of :class:`Qwen3VL`
     (``{"visual": ..., "language_model": ..., "lm_head"?: ...}``) as jnp arrays.
@@ -376,20 +381,30 @@ def load_hf_qwen3_vl(path: str, dtype=np.float32) -> tuple[Qwen3VLConfig, dict]:
     raise ValueError(f"{path} does not match {type(config).__name__} from its config.json: "
                      + "; ".join(errors))
   params = _unflat({k: jnp.asarray(np.asarray(v, dtype)) for k, v in flat.items()})
+  if scan_layers:
+    if not config.text.homogeneous:
+      raise ValueError(f"{path}: scan_layers=True needs every decoder layer to have the same MLP "
+                       "kind, but this config mixes dense and MoE layers; load with "
+                       "scan_layers=False")
+    params["language_model"] = stack_layers(params["language_model"])
   return config, params
 
 
 def hf_state_from_params(config: Qwen3VLConfig, params: Mapping[str, Any],
                          legacy: bool = False) -> dict[str, np.ndarray]:
-  """vlm params -> HF state dict (numpy). ``legacy``: Qwen2.5-VL Hub key layout.
+  """vlm params (unscanned, or scanned ``language_model/layers``) -> HF state dict (numpy).
+  ``legacy``: Qwen2.5-VL Hub key layout.
 
   Raises:
     ValueError: params whose paths/shapes differ from what ``config`` needs (listed).
   """
   if "params" in params and len(params) == 1:
     params = params["params"]
+  params = dict(nn.unbox(dict(params)))
+  if "layers" in params.get("language_model", {}):  # scanned decoder: back to layers_{i}
+    params["language_model"] = unstack_layers(params["language_model"])
   want = expected_shapes(config)
-  flat = {k: np.asarray(v) for k, v in _flat(nn.unbox(dict(params))).items()}
+  flat = {k: np.asarray(v) for k, v in _flat(params).items()}
   extra = ["/".join(k) for k in flat if k not in want]
   missing = ["/".join(k) for k in want if k not in flat]
   bad = ["/".join(k) for k, v in flat.items() if k in want and tuple(v.shape) != want[k]]
