@@ -28,7 +28,7 @@ import ml_dtypes
 
 from vlm.convert.hf_blip2 import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, _parse_size
 from vlm.models import qwen_vit
-from vlm.models.qwen3_vl import Qwen2_5_VLConfig, Qwen3VL, Qwen3VLConfig
+from vlm.models.qwen3_vl import Qwen2_5_VLConfig, Qwen3VL, Qwen3VLConfig, init_params
 from vlm.models.qwen3 import stack_layers, unstack_layers
 
 _QWEN3_TYPES = ("qwen3_vl", "qwen3_vl_moe")
@@ -240,16 +240,7 @@ def _unflat(flat):
 
 def expected_shapes(config: Qwen3VLConfig) -> dict[tuple[str, ...], tuple[int, ...]]:
   """Flat vlm param paths -> shapes that :class:`Qwen3VL` ``init`` creates (traced, no compute)."""
-  m = config.vision.spatial_merge_size
-  grid = np.array([[1, m, m]])
-  tables = qwen_vit.vision_inputs(config.vision, grid)
-  pixels = jnp.zeros((m * m, config.vision.patch_dim), jnp.float32)
-  ids = jnp.full((1, 2), config.image_token_id, jnp.int32)
-  pos = jnp.zeros((3, 1, 2), jnp.int32)
-  index = jnp.zeros((1, 2), jnp.int32)
-  model = Qwen3VL(config)
-  shapes = jax.eval_shape(lambda: nn.unbox(model.init(
-      jax.random.key(0), ids, pos, None, pixels, tables, index))["params"])
+  shapes = jax.eval_shape(lambda: init_params(Qwen3VL(config), jax.random.key(0)))
   return {k: tuple(v.shape) for k, v in _flat(shapes).items()}
 
 

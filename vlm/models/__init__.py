@@ -13,6 +13,8 @@ from vlm.models import presets
 # name -> (module path, class name)
 REGISTRY: dict[str, tuple[str, str]] = {
     "blip2_stage1": ("vlm.models.blip2", "Blip2Stage1"),
+    "qwen3_vl": ("vlm.models.qwen3_vl", "Qwen3VL"),        # also Qwen3-VL-MoE
+    "qwen2_5_vl": ("vlm.models.qwen3_vl", "Qwen2_5_VL"),
 }
 
 

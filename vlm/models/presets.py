@@ -162,10 +162,17 @@ PRESETS: dict[str, Any] = {
 def get_preset(name: str, **overrides) -> Any:
   """Returns the preset called ``name``, with top-level fields replaced by ``overrides``.
 
+  BLIP-2 presets live here; Qwen ones (``qwen3_vl_8b``, ``qwen2_5_vl_7b``, ...) in
+  :mod:`vlm.models.qwen_presets` and are found by the same call.
   Raises:
     KeyError: for an unknown name, listing the known ones.
   """
-  if name not in PRESETS:
-    raise KeyError(f"unknown preset {name!r}; known presets: {sorted(PRESETS)}")
-  preset = PRESETS[name]
+  from vlm.models import qwen_presets
+  if name in qwen_presets.HF_CONFIGS:
+    preset = qwen_presets.qwen_config(name)
+  elif name in PRESETS:
+    preset = PRESETS[name]
+  else:
+    raise KeyError(f"unknown preset {name!r}; known presets: "
+                   f"{sorted(PRESETS) + sorted(qwen_presets.HF_CONFIGS)}")
   return dataclasses.replace(preset, **overrides) if overrides else preset

@@ -42,7 +42,7 @@ from vlm.nn import rope
 Dtype = Any
 
 __all__ = ["Qwen3VLConfig", "Qwen2_5_VLConfig", "Qwen3VL", "Qwen2_5_VL", "visual_token_index",
-           "decode_position_ids", "init_cache"]
+           "decode_position_ids", "init_cache", "init_params", "dummy_inputs"]
 
 
 def _text_dict(d: Mapping[str, Any], default_type: str) -> dict:
@@ -90,6 +90,8 @@ class Qwen3VLConfig:
     if len(sec) != 3 or sum(sec) != self.text.head_dim // 2:
       raise ValueError(f"text.mrope_section {sec} must have 3 entries summing to head_dim/2 = "
                        f"{self.text.head_dim // 2}")
+    if self.interleaved:  # fail at config time, not inside a traced forward
+      rope.interleaved_owner(self.text.head_dim // 2, sec)
     for name in ("image_token_id", "video_token_id", "vision_start_token_id"):
       if not 0 <= getattr(self, name) < self.text.vocab_size:
         raise ValueError(f"{name}={getattr(self, name)} is outside the vocabulary "
@@ -198,6 +200,24 @@ def decode_position_ids(rope_deltas, cache_index: int, length: int = 1) -> np.nd
   d = np.asarray(rope_deltas).reshape(-1, 1)
   pos = cache_index + d + np.arange(length)[None]
   return np.broadcast_to(pos, (3,) + pos.shape).astype(np.int64)
+
+
+def dummy_inputs(config: Qwen3VLConfig) -> tuple:
+  """The smallest valid ``Qwen3VL.__call__`` arguments (one image of one merge window and its two
+  placeholder tokens): ``(input_ids, position_ids, attention_mask, pixel_values, vision_tables,
+  visual_token_index)``; enough for ``init`` to create every parameter."""
+  m = config.vision.spatial_merge_size
+  tables = qwen_vit.vision_inputs(config.vision, np.array([[1, m, m]]))
+  pixels = jnp.zeros((m * m, config.vision.patch_dim), jnp.float32)
+  ids = jnp.full((1, 1), config.image_token_id, jnp.int32)
+  return ids, jnp.zeros((3, 1, 1), jnp.int32), None, pixels, tables, jnp.zeros((1, 1), jnp.int32)
+
+
+def init_params(model: "Qwen3VL", rng) -> dict:
+  """Randomly initialised ``"params"`` of ``model`` (every vision and text parameter, unboxed,
+  in ``model.param_dtype``; scanned layouts follow ``model.scan_layers``). For shapes only, wrap
+  it: ``jax.eval_shape(lambda: init_params(model, key))`` allocates nothing."""
+  return nn.unbox(model.init(rng, *dummy_inputs(model.config)))["params"]
 
 
 # ------------------------------------------------------------------------------------------------
