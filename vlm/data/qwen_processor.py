@@ -4,9 +4,11 @@ Host only (numpy + Pillow + PyAV + the Rust ``tokenizers`` library); no torch, n
 Spec: ``qwen3vl_spec.md`` §9 (processor), §7.2 (video timestamps), §11 item 18/19 (rounding, fast vs
 slow resize). HF references: ``qwen2_vl/image_processing_qwen2_vl.py`` (``smart_resize``, the *slow*
 ``Qwen2VLImageProcessor``: PIL bicubic resize on uint8, float64 rescale cast to float32, float32
-normalise, merge-window patch flattening), ``qwen3_vl/video_processing_qwen3_vl.py`` (frame
-sampling, clip-budget ``smart_resize``), ``qwen3_vl/processing_qwen3_vl.py`` (placeholder
-expansion and timestamps), ``qwen2_5_vl/processing_qwen2_5_vl.py`` (``second_per_grid_ts``).
+normalise, merge-window patch flattening), ``qwen3_vl/video_processing_qwen3_vl.py`` (Qwen3-VL
+frame sampling, clip-budget ``smart_resize``), ``qwen2_vl/video_processing_qwen2_vl.py`` (the
+``Qwen2VLVideoProcessor`` that HF's ``Qwen2_5_VLProcessor`` uses: Qwen2-VL/2.5-VL frame sampling,
+per-frame budget), ``qwen3_vl/processing_qwen3_vl.py`` (placeholder expansion and timestamps),
+``qwen2_5_vl/processing_qwen2_5_vl.py`` (``second_per_grid_ts``).
 
 Pipeline choice (spec §11 item 19): images and video frames are resized with Pillow's bicubic filter
 on uint8 exactly like the slow HF image processor, so ``pixel_values`` are bit-identical to
@@ -65,14 +67,25 @@ class QwenProcessorConfig:
     video_min_pixels, video_max_pixels: video pixel budget.
     video_budget: ``"clip"`` (Qwen3-VL: the budget covers all frames, :func:`smart_resize_video`) or
       ``"frame"`` (Qwen2-VL/2.5-VL video processor: per-frame :func:`smart_resize`).
-    fps, min_frames, max_frames: frame sampling (:func:`sample_frame_indices`).
+    frame_sampling: which reference frame-sampling rule file paths go through: ``"qwen3"``
+      (:func:`sample_frame_indices`, HF ``Qwen3VLVideoProcessor.sample_frames``) or ``"qwen2_vl"``
+      (:func:`sample_frame_indices_qwen2_vl`, HF ``Qwen2VLVideoProcessor.sample_frames``, used by
+      Qwen2-VL and Qwen2.5-VL).
+    fps: frames per second to sample (> 0). With ``"qwen2_vl"`` it may be None: then ``num_frames``
+      frames are taken, or every frame when ``num_frames`` is None too (HF
+      ``do_sample_frames=False``). ``"qwen3"`` needs a number.
+    num_frames: ``"qwen2_vl"`` only: a fixed frame count (rounded to a multiple of
+      ``temporal_patch_size``) instead of ``fps``; None (default) samples by ``fps``.
+    min_frames, max_frames: bounds of the fps-derived frame count.
     video_timestamps: Qwen3-VL textual timestamps per temporal patch (spec §7.2); False for 2.5-VL.
     default_system_prompt: system turn inserted by the chat template when the conversation has none
       (None for Qwen3-VL, "You are a helpful assistant." for Qwen2.5-VL, spec §11 item 25).
 
   Raises:
     ValueError: on non-positive sizes, min > max pixel budgets, mean/std without 3 entries or a zero
-      std, or an unknown ``video_budget``.
+      std, an unknown ``video_budget``/``frame_sampling``, a non-positive ``fps``/``num_frames``,
+      both ``fps`` and ``num_frames`` set, or ``"qwen3"`` sampling without ``fps`` or with
+      ``num_frames``.
   """
   patch_size: int = 16
   temporal_patch_size: int = 2
@@ -85,7 +98,9 @@ class QwenProcessorConfig:
   video_min_pixels: int = 4096
   video_max_pixels: int = 25165824
   video_budget: str = "clip"
-  fps: float = 2.0
+  frame_sampling: str = "qwen3"
+  fps: float | None = 2.0
+  num_frames: int | None = None
   min_frames: int = 4
   max_frames: int = 768
   video_timestamps: bool = True
@@ -110,8 +125,23 @@ class QwenProcessorConfig:
     if self.video_budget not in ("clip", "frame"):
       raise ValueError(f"video_budget must be 'clip' (Qwen3-VL) or 'frame' (Qwen2.5-VL), "
                        f"got {self.video_budget!r}")
-    if not self.fps > 0:
-      raise ValueError(f"fps must be > 0, got {self.fps}")
+    if self.frame_sampling not in ("qwen3", "qwen2_vl"):
+      raise ValueError(f"frame_sampling must be 'qwen3' (Qwen3-VL) or 'qwen2_vl' (Qwen2-VL / "
+                       f"Qwen2.5-VL), got {self.frame_sampling!r}")
+    if self.fps is not None and not (isinstance(self.fps, (int, float, np.number))
+                                     and self.fps > 0):
+      raise ValueError(f"fps must be > 0 (or None with frame_sampling='qwen2_vl'), "
+                       f"got {self.fps!r}")
+    if self.num_frames is not None and not (isinstance(self.num_frames, (int, np.integer))
+                                            and self.num_frames >= 1):
+      raise ValueError(f"num_frames must be a positive int or None, got {self.num_frames!r}")
+    if self.frame_sampling == "qwen3" and (self.fps is None or self.num_frames is not None):
+      raise ValueError("frame_sampling='qwen3' samples by fps only: set fps > 0 and "
+                       f"num_frames=None (got fps={self.fps!r}, num_frames={self.num_frames!r}); "
+                       "use frame_sampling='qwen2_vl' for a fixed frame count")
+    if self.fps is not None and self.num_frames is not None:
+      raise ValueError(f"fps={self.fps} and num_frames={self.num_frames} are mutually exclusive "
+                       "(as in HF Qwen2VLVideoProcessor.sample_frames): set one of them to None")
 
   @property
   def factor(self) -> int:
@@ -126,8 +156,20 @@ QWEN2_5_VL_PROCESSOR = QwenProcessorConfig(
     patch_size=14, image_mean=OPENAI_CLIP_MEAN, image_std=OPENAI_CLIP_STD,
     min_pixels=3136, max_pixels=12845056,
     video_min_pixels=128 * 28 * 28, video_max_pixels=768 * 28 * 28, video_budget="frame",
+    frame_sampling="qwen2_vl", fps=2.0, num_frames=None, min_frames=4, max_frames=768,
     video_timestamps=False, default_system_prompt=QWEN2_5_VL_SYSTEM_PROMPT)
-"""Released Qwen2.5-VL image config (spec §9, §9.7); video limits: HF ``Qwen2VLVideoProcessor``."""
+"""Released Qwen2.5-VL image config (spec §9, §9.7) + HF ``Qwen2VLVideoProcessor`` video defaults.
+
+Video values are the class defaults of ``qwen2_vl/video_processing_qwen2_vl.py`` (the video
+processor HF's ``AutoVideoProcessor`` maps ``qwen2_5_vl`` to): ``min_pixels = 128*28*28``,
+``max_pixels = 768*28*28``, ``temporal_patch_size = 2``, ``min_frames = 4``, ``max_frames = 768``,
+and its ``sample_frames`` rule (``frame_sampling="qwen2_vl"``). One deliberate choice: that class
+has ``do_sample_frames = False`` and ``fps = None`` (every decoded frame is used), while
+``Qwen2_5_VLProcessor.__call__`` computes ``second_per_grid_ts`` with ``fps = 2.0`` when no fps is
+passed. Here file paths are sampled at ``fps = 2.0`` so the frames and ``second_per_grid_ts``
+agree (HF with ``do_sample_frames=True, fps=2.0``); ``dataclasses.replace(QWEN2_5_VL_PROCESSOR,
+fps=None)`` reproduces the every-frame default.
+"""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -389,6 +431,120 @@ def sample_frame_indices(total_frames: int, video_fps: float, fps: float = 2.0, 
   return np.linspace(0, total_frames - 1, n).round().astype(np.int64)
 
 
+_TORCH_FLOAT_LANES = 8
+"""float32 lanes of one ``at::vec::Vectorized<float>`` in torch's AVX2 and default CPU builds."""
+
+
+def _torch_arange_float32_int(total: int, count: int) -> np.ndarray:
+  """``torch.arange(0, total, total / count).int()`` on CPU, reproduced with numpy.
+
+  That is the index formula of HF ``Qwen2VLVideoProcessor.sample_frames``. Torch builds a float32
+  tensor (default dtype) of ``size = ceil(total / step)`` elements, ``step = total / count`` in
+  float64 (``aten/src/ATen/native/RangeFactories.cpp``). Its CPU kernel
+  (``native/cpu/RangeFactoriesKernel.cpp``) fills runs of ``2 * lanes`` elements with
+  ``Vectorized<float>::arange(float32(i0 * step), step)``, i.e. ``float32(float32(i0 * step) + j *
+  step)`` for lane ``j`` of the vector starting at ``i0``, and the remaining tail with
+  ``float32(i * step)``; ``.int()`` truncates. Reproduced for ``lanes = 8`` (AVX2/default builds)
+  and one parallel chunk (``size <= 16384``). The float32 rounding matters only for long videos:
+  for ``total < ~17000`` frames the result equals the exact ``floor(i * total / count)``.
+  ``size`` is sometimes ``count + 1`` with the last element equal to ``total`` (out of range), e.g.
+  ``total=367, count=30``; callers drop it.
+
+  Args:
+    total: frames in the video, >= 1.
+    count: frames requested, >= 1.
+
+  Returns:
+    int64 ``[count]`` or ``[count + 1]`` non-decreasing indices in ``[0, total]``.
+  """
+  step = total / count
+  size = math.ceil(total / step)
+  i = np.arange(size, dtype=np.int64)
+  lane = i % _TORCH_FLOAT_LANES
+  base = ((i - lane) * step).astype(np.float32).astype(np.float64)
+  vector = (base + lane * step).astype(np.float32)
+  tail = (i * step).astype(np.float32)
+  vector_end = size // (2 * _TORCH_FLOAT_LANES) * (2 * _TORCH_FLOAT_LANES)
+  return np.where(i < vector_end, vector, tail).astype(np.int64)
+
+
+def sample_frame_indices_qwen2_vl(total_frames: int, video_fps: float | None = None,
+                                  fps: float | None = 2.0, num_frames: int | None = None,
+                                  min_frames: int = 4, max_frames: int = 768,
+                                  temporal_patch_size: int = 2) -> np.ndarray:
+  """Qwen2-VL / Qwen2.5-VL frame sampling (HF ``Qwen2VLVideoProcessor.sample_frames``).
+
+  Reference: ``transformers/models/qwen2_vl/video_processing_qwen2_vl.py`` (4.57.1), the video
+  processor of ``Qwen2_5_VLProcessor``. With ``Tp = temporal_patch_size``:
+
+  * ``num_frames`` given: ``n = round(num_frames / Tp) * Tp`` (Python ``round``, half to even:
+    ``num_frames=5`` -> 4, ``7`` -> 8); no ``min_frames``/``max_frames`` clipping.
+  * else ``fps`` given: ``cap = floor(min(max_frames, total_frames) / Tp) * Tp``,
+    ``n = total_frames / video_fps * fps`` (a float), ``n = min(max(n, min_frames), cap,
+    total_frames)``, ``n = floor(n / Tp) * Tp``.
+  * neither: every frame, ``arange(total_frames)`` (HF ``do_sample_frames=False``).
+
+  Indices are ``torch.arange(0, total_frames, total_frames / n).int()`` (float32 arithmetic, see
+  :func:`_torch_arange_float32_int`), i.e. ``floor(k * total_frames / n)`` for ``k < n`` up to
+  float32 rounding in very long videos. When torch's arange yields an extra ``n``-th element equal
+  to ``total_frames`` (out of range: HF's torchcodec decoder fails on it, its PyAV reader skips it),
+  it is dropped, so exactly ``n`` indices come back.
+
+  Args:
+    total_frames: frames in the file.
+    video_fps: the file's frame rate (needed when sampling by ``fps``).
+    fps: frames per second to sample, or None.
+    num_frames: fixed number of frames (mutually exclusive with ``fps``), or None.
+    min_frames, max_frames: bounds of the fps-derived count.
+    temporal_patch_size: Tp; the count is a multiple of it (except in the every-frame mode).
+
+  Returns:
+    int64 ``[n]`` non-decreasing frame indices in ``[0, total_frames)``.
+
+  Raises:
+    ValueError: if ``total_frames < 1``; both ``fps`` and ``num_frames`` are set (as HF); ``fps``
+      is set without a positive ``video_fps`` (as HF) or is not positive; ``num_frames < 1`` or
+      ``temporal_patch_size < 1``; the count exceeds ``total_frames`` (HF: "Video can't be
+      sampled"); or the count rounds to 0 frames (``num_frames < Tp / 2``, or a video or
+      ``max_frames`` shorter than ``Tp``), where HF fails with ``ZeroDivisionError``.
+  """
+  if total_frames < 1:
+    raise ValueError(f"the video has no frames (total_frames={total_frames})")
+  if temporal_patch_size < 1:
+    raise ValueError(f"temporal_patch_size must be >= 1, got {temporal_patch_size}")
+  if fps is not None and num_frames is not None:
+    raise ValueError(f"fps={fps} and num_frames={num_frames} are mutually exclusive (HF "
+                     "Qwen2VLVideoProcessor.sample_frames): pass only one of them")
+  tp = temporal_patch_size
+  if num_frames is not None:
+    if num_frames < 1:
+      raise ValueError(f"num_frames must be >= 1, got {num_frames}")
+    count = round(num_frames / tp) * tp
+  elif fps is not None:
+    if not fps > 0:
+      raise ValueError(f"fps must be > 0, got {fps}")
+    if video_fps is None or not video_fps > 0:
+      raise ValueError(f"sampling at fps={fps} needs the video's frame rate, got "
+                       f"video_fps={video_fps}; pass it or use a fixed num_frames")
+    cap = math.floor(min(max_frames, total_frames) / tp) * tp
+    count = total_frames / video_fps * fps
+    count = min(min(max(count, min_frames), cap), total_frames)
+    count = math.floor(count / tp) * tp
+  else:
+    return np.arange(total_frames, dtype=np.int64)
+  if count > total_frames:
+    raise ValueError(f"the video can't be sampled: num_frames={num_frames} rounds to {count} "
+                     f"frames (a multiple of temporal_patch_size={tp}) > total_frames="
+                     f"{total_frames}; ask for fewer frames or sample by fps")
+  if count < 1:
+    raise ValueError(f"the video can't be sampled: the frame count rounds down to 0 (multiples "
+                     f"of temporal_patch_size={tp}; total_frames={total_frames}, "
+                     f"max_frames={max_frames}, num_frames={num_frames}); a clip needs at least "
+                     f"{tp} frames and num_frames >= {tp / 2}")
+  indices = _torch_arange_float32_int(total_frames, count)
+  return indices[indices < total_frames]
+
+
 def _decode_frames(path: str, wanted: set[int]) -> tuple[dict[int, np.ndarray], int]:
   """Decodes the first video stream; keeps RGB frames whose decode index is in ``wanted``."""
   import av  # PyAV; imported lazily so image-only users do not pay for it.
@@ -403,12 +559,16 @@ def _decode_frames(path: str, wanted: set[int]) -> tuple[dict[int, np.ndarray], 
   return kept, count
 
 
-def load_video(path: str, fps: float = 2.0, min_frames: int = 4, max_frames: int = 768,
-               temporal_patch_size: int = 2) -> tuple[np.ndarray, np.ndarray]:
-  """Decodes and samples a video file with PyAV (Qwen3-VL sampling, spec §9.6).
+def load_video(path: str, fps: float | None = 2.0, min_frames: int = 4, max_frames: int = 768,
+               temporal_patch_size: int = 2, *, frame_sampling: str = "qwen3",
+               num_frames: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+  """Decodes and samples a video file with PyAV (spec §9.6).
 
   Frame count and rate come from the container (``stream.frames``, ``stream.average_rate``; 24 fps
-  if the rate is unknown, as HF). Indices follow :func:`sample_frame_indices`; frame ``i`` is at
+  if the rate is unknown, as HF). Indices follow :func:`sample_frame_indices` (Qwen3-VL,
+  ``frame_sampling="qwen3"``) or :func:`sample_frame_indices_qwen2_vl` (Qwen2-VL / Qwen2.5-VL,
+  ``"qwen2_vl"``; same frames as HF's PyAV reader ``video_utils.read_video_pyav`` with
+  ``Qwen2VLVideoProcessor.sample_frames``); frame ``i`` is at
   ``i / video_fps`` seconds. The sampled frames are padded to a multiple of
   ``temporal_patch_size`` by repeating the last frame and its timestamp (HF pads the index list the
   same way before computing timestamps). If the stream reports no frame count, or fewer frames
@@ -416,16 +576,34 @@ def load_video(path: str, fps: float = 2.0, min_frames: int = 4, max_frames: int
 
   Args:
     path: video file (absolute, relative to the cwd, or relative to the repository root).
-    fps, min_frames, max_frames: sampling settings (released Qwen3-VL: 2, 4, 768).
-    temporal_patch_size: Tp, the padding multiple.
+    fps, min_frames, max_frames: sampling settings (Qwen3-VL and Qwen2.5-VL defaults: 2, 4, 768).
+      ``fps=None`` is allowed with ``"qwen2_vl"`` only.
+    temporal_patch_size: Tp, the padding multiple (and the count multiple of ``"qwen2_vl"``).
+    frame_sampling: ``"qwen3"`` or ``"qwen2_vl"``.
+    num_frames: ``"qwen2_vl"`` only: a fixed frame count instead of ``fps``.
 
   Returns:
     ``(frames uint8 [F, H, W, 3], timestamps float64 [F] seconds)``, ``F % Tp == 0``.
 
   Raises:
-    ValueError: if the file does not exist, has no video stream, or has no decodable frames.
+    ValueError: if the file does not exist, has no video stream, or has no decodable frames; on an
+      unknown ``frame_sampling``, ``"qwen3"`` without ``fps`` or with ``num_frames``; or when the
+      sampling function rejects the request (e.g. ``num_frames`` above the frame count).
   """
   import av
+
+  if frame_sampling == "qwen3":
+    if fps is None or num_frames is not None:
+      raise ValueError("frame_sampling='qwen3' samples by fps only: pass fps > 0 and no num_frames "
+                       "(use frame_sampling='qwen2_vl' for a fixed frame count)")
+  elif frame_sampling != "qwen2_vl":
+    raise ValueError(f"frame_sampling must be 'qwen3' or 'qwen2_vl', got {frame_sampling!r}")
+
+  def pick(total_frames: int, video_fps: float) -> np.ndarray:
+    if frame_sampling == "qwen3":
+      return sample_frame_indices(total_frames, video_fps, fps, min_frames, max_frames)
+    return sample_frame_indices_qwen2_vl(total_frames, video_fps, fps, num_frames, min_frames,
+                                         max_frames, temporal_patch_size)
 
   resolved = resolve_path(path)
   if not os.path.isfile(resolved):
@@ -438,12 +616,12 @@ def load_video(path: str, fps: float = 2.0, min_frames: int = 4, max_frames: int
     video_fps = float(stream.average_rate) if stream.average_rate else 24.0
   if total < 1:
     _, total = _decode_frames(resolved, set())
-  indices = sample_frame_indices(total, video_fps, fps, min_frames, max_frames)
+  indices = pick(total, video_fps)
   kept, decoded = _decode_frames(resolved, set(indices.tolist()))
   if decoded < total:
     if decoded < 1:
       raise ValueError(f"no frames could be decoded from {path!r}")
-    indices = sample_frame_indices(decoded, video_fps, fps, min_frames, max_frames)
+    indices = pick(decoded, video_fps)
     kept, _ = _decode_frames(resolved, set(indices.tolist()))
   idx = indices.tolist()
   if len(idx) % temporal_patch_size:
@@ -751,7 +929,8 @@ class Qwen3VLProcessor:
                       or (isinstance(x, np.ndarray) and x.ndim == 4)):
       if isinstance(v, (str, os.PathLike)):
         out.append(load_video(os.fspath(v), cfg.fps, cfg.min_frames, cfg.max_frames,
-                              cfg.temporal_patch_size))
+                              cfg.temporal_patch_size, frame_sampling=cfg.frame_sampling,
+                              num_frames=cfg.num_frames))
       elif isinstance(v, tuple) and len(v) == 2:
         out.append((np.asarray(v[0]), np.asarray(v[1], dtype=np.float64)))
       elif isinstance(v, np.ndarray):
@@ -787,8 +966,9 @@ class Qwen3VLProcessor:
         per image/video in order (images and videos are numbered across the whole batch).
       images: one image or a list (``PIL.Image`` or uint8 ``[H, W, 3]``).
       videos: one video or a list; each a file path (decoded with :func:`load_video` using the
-        config's fps/min/max frames), a ``(frames, timestamps)`` tuple, or (Qwen2.5-VL only) a bare
-        uint8 ``[F, H, W, 3]`` array.
+        config's ``frame_sampling``, fps/num_frames, min/max frames), a ``(frames, timestamps)``
+        tuple, or (Qwen2.5-VL only) a bare uint8 ``[F, H, W, 3]`` array. Arrays are used as given
+        (no sampling).
       padding_side: overrides the instance default.
       max_length: pad to this length instead of the longest prompt.
 
@@ -799,7 +979,8 @@ class Qwen3VLProcessor:
       and for Qwen2.5-VL ``second_per_grid_ts`` float32 ``[n_vid]``.
 
     Raises:
-      ValueError: if placeholder and image/video counts differ, or on bad inputs.
+      ValueError: if placeholder and image/video counts differ, on bad inputs, or when a video
+        file cannot be sampled as configured (see :func:`load_video`).
     """
     cfg = self.config
     out: dict[str, np.ndarray] = {}
@@ -845,13 +1026,21 @@ class Qwen2_5_VLProcessor(Qwen3VLProcessor):
   """Qwen2.5-VL processor (HF ``Qwen2_5_VLProcessor``, spec §9.7).
 
   Differences from :class:`Qwen3VLProcessor`: :data:`QWEN2_5_VL_PROCESSOR` settings (patch 14, CLIP
-  mean/std, per-frame video budget), default system prompt in the chat template, one run of
-  ``t*h*w/4`` ``<|video_pad|>`` per video without timestamps, and ``second_per_grid_ts =
-  temporal_patch_size / fps`` per video (the requested sampling fps, as HF) for MRoPE (spec §7.6).
+  mean/std, per-frame video budget, HF ``Qwen2VLVideoProcessor`` frame sampling
+  :func:`sample_frame_indices_qwen2_vl` for file paths), default system prompt in the chat
+  template, one run of ``t*h*w/4`` ``<|video_pad|>`` per video without timestamps, and
+  ``second_per_grid_ts`` for MRoPE (spec §7.6).
+
+  ``second_per_grid_ts`` (float32 ``[n_vid]``, one value per video) is computed as HF
+  ``qwen2_5_vl/processing_qwen2_5_vl.py`` does: ``temporal_patch_size / fps`` with the sampling
+  fps (``config.fps``), and HF's default ``fps = 2.0`` when none is set (``num_frames`` or
+  every-frame sampling; HF then reports ``Tp / 2.0`` too, whatever the real frame spacing). HF
+  returns a list of Python floats, which becomes a float32 tensor under ``return_tensors="pt"``.
   """
 
   default_config = QWEN2_5_VL_PROCESSOR
 
   def _extra_video_outputs(self, clips) -> dict[str, np.ndarray]:
-    value = self.config.temporal_patch_size / self.config.fps
+    fps = self.config.fps if self.config.fps is not None else 2.0  # HF processor default
+    value = self.config.temporal_patch_size / fps
     return {"second_per_grid_ts": np.full((len(clips),), value, dtype=np.float32)}
