@@ -37,6 +37,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from vlm.nn import moe
 from vlm.nn import layers
 from vlm.nn import partitioning as P
 from vlm.nn.attention import dot_product_attention
@@ -58,6 +59,12 @@ class Qwen3TextConfig:
       ``attention_bias=True, o_proj_bias=False``).
     mrope_section / mrope_interleaved: how the composed VL model builds the rotary angles
       (spec section 6); the decoder itself only consumes angles.
+    moe_implementation: how MoE layers evaluate their experts (never read from an HF config):
+      ``"dense"`` runs every expert on every token (HF's eval path; shards over the ``expert``
+      mesh axis; the faster one on CPU and GPU with jax <= 0.11, and the one to use with expert
+      parallelism), ``"ragged"`` routes each token to its k experts only (dropless,
+      ``jax.lax.ragged_dot``; k/E of the FLOPs where ragged_dot lowers to a grouped matmul,
+      e.g. TPU). Same result up to float summation order; timings in ``vlm.nn.moe``.
   MoE: ``num_experts > 0`` makes layer ``i`` sparse when ``i not in mlp_only_layers`` and
   ``(i + 1) % decoder_sparse_step == 0`` (HF ``Qwen3MoeDecoderLayer``); sparse layers use
   ``moe_intermediate_size``, dense layers ``intermediate_size``. ``norm_topk_prob`` renormalises
@@ -88,6 +95,7 @@ class Qwen3TextConfig:
   mlp_only_layers: tuple[int, ...] = ()
   mrope_section: tuple[int, ...] | None = None
   mrope_interleaved: bool = False
+  moe_implementation: str = "dense"
 
   def __post_init__(self):
     if self.head_dim is None:
@@ -111,6 +119,9 @@ class Qwen3TextConfig:
                        f"got {self.num_experts_per_tok}")
     if self.decoder_sparse_step < 1:
       raise ValueError(f"decoder_sparse_step must be >= 1, got {self.decoder_sparse_step}")
+    if self.moe_implementation not in ("dense", "ragged"):
+      raise ValueError(f"moe_implementation must be 'dense' or 'ragged', got "
+                       f"{self.moe_implementation!r}")
 
   @property
   def use_o_proj_bias(self) -> bool:
@@ -136,7 +147,8 @@ class Qwen3TextConfig:
     ``mrope_section``/``mrope_interleaved`` are copied when present.
     """
     d = dict(d)
-    kw = {f.name: d[f.name] for f in dataclasses.fields(cls) if f.name in d}
+    kw = {f.name: d[f.name] for f in dataclasses.fields(cls)
+          if f.name in d and f.name != "moe_implementation"}  # vlm-only setting: keep default
     if d.get("model_type", "") in _QWEN2_MODEL_TYPES:
       kw.update(attention_bias=True, o_proj_bias=False, use_qk_norm=False)
     rope = d.get("rope_scaling") or {}
@@ -175,23 +187,67 @@ def apply_rotary(x, angles, dtype):
   return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
 
 
-def _build_mask(attention_mask, batch: int, length: int, cache_mask=None, cache_index=None):
-  """Boolean attention mask [B, 1, Lq, Lk] (True = attend): causal AND key validity.
+def _build_mask(attention_mask, batch: int, length: int):
+  """Boolean attention mask [B, 1, L, L] (True = attend) without a cache: causal AND key validity
+  (``attention_mask`` [B, L], True = real token)."""
+  pos = jnp.arange(length)
+  causal = pos[None, :] <= pos[:, None]
+  return causal[None, None] & attention_mask[:, None, None, :]
 
-  Without a cache: keys are the ``length`` new tokens. With a cache of ``T`` slots: the new tokens
-  occupy slots ``cache_index .. cache_index + length - 1``; ``cache_mask`` [B, T] (already updated
-  with the new tokens' padding) says which slots hold real tokens.
+
+def _build_cache_masks(attention_mask, cache_mask, cache_index):
+  """Masks of cached attention (see :func:`cached_attention`).
+
+  Args:
+    attention_mask: bool [B, L], real new tokens.
+    cache_mask: bool [B, T], slots that held real tokens *before* this call.
+    cache_index: int32 scalar, slot of the first new token; slots ``>= cache_index`` of the old
+      cache are stale and never attended.
+  Returns:
+    ``(mask_cache bool [B, 1, 1, T], mask_new bool [B, 1, L, L])``: old slots every new token may
+    read, and causal attention among the new tokens.
   """
-  if cache_mask is None:
-    valid = attention_mask
-    q_pos = jnp.arange(length)
-    k_pos = jnp.arange(length)
-  else:
-    valid = cache_mask
-    q_pos = cache_index + jnp.arange(length)
-    k_pos = jnp.arange(cache_mask.shape[1])
-  causal = k_pos[None, :] <= q_pos[:, None]
-  return causal[None, None] & valid[:, None, None, :]
+  length = attention_mask.shape[1]
+  slots = jnp.arange(cache_mask.shape[1])
+  mask_cache = (cache_mask & (slots[None, :] < cache_index))[:, None, None, :]
+  return mask_cache, _build_mask(attention_mask, attention_mask.shape[0], length)
+
+
+def cached_attention(q, k_new, v_new, k_cache, v_cache, mask_cache, mask_new, scale: float,
+                     dtype: Dtype = jnp.float32):
+  """Attention of ``L`` new tokens over an old KV cache plus themselves, without copying the cache.
+
+  The scores against the cache and against the new keys are computed separately, joined on the key
+  axis for one float32 softmax, and the two value sums added: the result equals attention over
+  the cache with the new keys written at their slots (HF ``DynamicCache.update`` + ``sdpa``), but
+  the cache is only read (no ``dynamic_update_slice`` copy, no GQA ``repeat`` of the cache: query
+  heads are grouped as ``[kvH, rep]``, head ``j`` reads KV head ``j // rep`` as HF ``repeat_kv``).
+
+  Args:
+    q: [B, L, H, hd] (post-RoPE). k_new, v_new: [B, L, kvH, hd].
+    k_cache, v_cache: [B, kvH, T, hd] (any dtype; cast to ``dtype``). Heads before slots, as
+      HF's cache, so both products batch over (B, kvH) with the cache in its stored layout.
+    mask_cache: bool [B, 1, 1 or L, T]; mask_new: bool [B, 1, L, L] (see
+      :func:`_build_cache_masks`). A query with no valid key gets a uniform average (finite).
+    scale: score scale (``head_dim ** -0.5``).
+  Returns:
+    [B, L, H, hd] in ``dtype``.
+  """
+  b, l, h, hd = q.shape
+  kvh = k_new.shape[2]
+  q = jnp.asarray(q, dtype).reshape(b, l, kvh, h // kvh, hd)
+  s_cache = jnp.einsum("blgrd,bgtd->bgrlt", q, jnp.asarray(k_cache, dtype),
+                       preferred_element_type=jnp.float32)
+  s_new = jnp.einsum("blgrd,bmgd->bgrlm", q, jnp.asarray(k_new, dtype),
+                     preferred_element_type=jnp.float32)
+  neg = jnp.finfo(jnp.float32).min
+  s_cache = jnp.where(mask_cache[:, :, None], s_cache * scale, neg)
+  s_new = jnp.where(mask_new[:, :, None], s_new * scale, neg)
+  t = s_cache.shape[-1]
+  p = jax.nn.softmax(jnp.concatenate([s_cache, s_new], axis=-1), axis=-1).astype(dtype)
+  o = (jnp.einsum("bgrlt,bgtd->blgrd", p[..., :t], jnp.asarray(v_cache, dtype))
+       + jnp.einsum("bgrlm,bmgd->blgrd", p[..., t:], jnp.asarray(v_new, dtype)))
+  return o.reshape(b, l, h, hd)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -204,12 +260,15 @@ class Qwen3Attention(nn.Module):
   Call args:
     x: [B, L, D] (compute dtype).
     angles: float32 [B, L, hd/2] rotary angles of the new tokens.
-    mask: bool broadcastable to [B, 1, L, Lk]; Lk = L without cache, T with cache.
-    cache: None or ``(k, v)`` each [B, T, kvH, hd] (post-RoPE keys, HF cache semantics).
-    cache_index: int32 scalar, first cache slot of the new tokens (with ``cache``).
-    deterministic: disables attention dropout (``config.attention_dropout``, rng "dropout").
+    mask: without cache, bool broadcastable to [B, 1, L, L]; with a cache, the pair
+      ``(mask_cache [B, 1, 1, T], mask_new [B, 1, L, L])`` of :func:`_build_cache_masks`.
+    cache: None or ``(k, v)`` each [B, kvH, T, hd], this layer's cache *before* the call
+      (post-RoPE keys, HF cache semantics). It is only read (:func:`cached_attention`).
+    cache_index: unused here (the masks encode it); kept for the scan signature.
+    deterministic: disables attention dropout (``config.attention_dropout``, rng "dropout");
+      the cached path is for inference and never drops.
   Returns:
-    (out [B, L, D], new_cache or None).
+    (out [B, L, D], None without cache or ``(k_new, v_new)`` each [B, L, kvH, hd] with one).
   """
   config: Qwen3TextConfig
   dtype: Dtype = jnp.float32
@@ -234,14 +293,15 @@ class Qwen3Attention(nn.Module):
     q = apply_rotary(q, angles, self.dtype)
     k = apply_rotary(k, angles, self.dtype)
     v = jnp.asarray(v, self.dtype)
-    new_cache = None
     if cache is not None:
+      # decode / prefill into a cache: read the old slots, return only the new keys and values
+      # (Qwen3Model writes them into the stacked cache once, after all layers)
       ck, cv = cache
-      start = (0, cache_index, 0, 0)
-      ck = jax.lax.dynamic_update_slice(ck, jnp.asarray(k, ck.dtype), start)
-      cv = jax.lax.dynamic_update_slice(cv, jnp.asarray(v, cv.dtype), start)
-      new_cache = (ck, cv)
-      k, v = jnp.asarray(ck, self.dtype), jnp.asarray(cv, self.dtype)
+      mask_cache, mask_new = mask
+      o = cached_attention(q, k, v, ck, cv, mask_cache, mask_new, hd ** -0.5, self.dtype)
+      o = o.reshape(batch, length, h * hd)
+      out = dense("o_proj", cfg.hidden_size, cfg.use_o_proj_bias, (P.HEADS, P.EMBED))(o)
+      return out, (k, v)
     rep = h // kvh
     if rep > 1:  # query head j reads kv head j // rep (HF repeat_kv)
       k = jnp.repeat(k, rep, axis=2)
@@ -253,7 +313,7 @@ class Qwen3Attention(nn.Module):
         deterministic=not use_dropout, dtype=self.dtype)
     o = o.reshape(batch, length, h * hd)
     out = dense("o_proj", cfg.hidden_size, cfg.use_o_proj_bias, (P.HEADS, P.EMBED))(o)
-    return out, new_cache
+    return out, None
 
 
 class Qwen3MLP(nn.Module):
@@ -281,18 +341,23 @@ class Qwen3MoeExperts(nn.Module):
   ``Qwen3MoeMLP``; converting it means ``gate_up_proj[e] = concat(gate_proj.weight.T,
   up_proj.weight.T, -1)``, ``down_proj[e] = down_proj.weight.T``.
 
-  Dense evaluation: every expert runs on every token; ``weights`` [B, L, E] (zero outside the
-  top-k) mixes them. Exact, and cheap for tiny configs, but costs E/k times the routed FLOPs and
-  materialises a [B, L, E, 2I] intermediate (HF's eval path does the same).
+  ``config.moe_implementation`` picks the evaluation (same parameters either way):
+  ``"dense"`` (:func:`vlm.nn.moe.dense_expert_mlp`): every expert runs on every token, mixed by
+  the top-k weights scattered to [T, E]; exact, shards over the ``expert`` mesh axis, but costs
+  E/k times the routed FLOPs and a [T, E, 2I] intermediate (HF's eval path does the same).
+  ``"ragged"`` (:func:`vlm.nn.moe.ragged_expert_mlp`): dropless routing, each token through its
+  k experts with ``jax.lax.ragged_dot``; equal up to float summation order.
 
-  Call args: x [B, L, D], weights [B, L, E] (compute dtype). Returns [B, L, D].
+  Call args: x [B, L, D]; weights [B, L, k] routing weights (compute dtype); experts int [B, L, k]
+  distinct expert ids per token. Returns [B, L, D] in the compute dtype.
   """
   config: Qwen3TextConfig
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x, weights):
+  def __call__(self, x, weights, experts):
+
     cfg = self.config
     e, d, i = cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size
     init = nn.initializers.normal(stddev=0.02)
@@ -300,19 +365,22 @@ class Qwen3MoeExperts(nn.Module):
                          (e, d, 2 * i), self.param_dtype)
     down = self.param("down_proj", P.with_axes(init, (P.EXPERT, P.MLP, P.EMBED)),
                       (e, i, d), self.param_dtype)
-    act = layers.activation(cfg.hidden_act)
-    x = jnp.asarray(x, self.dtype)
-    gu = jnp.einsum("bld,edf->blef", x, jnp.asarray(gate_up, self.dtype))
-    hidden = act(gu[..., :i]) * gu[..., i:]
-    out = jnp.einsum("blei,eid->bled", hidden, jnp.asarray(down, self.dtype))
-    return jnp.einsum("bled,ble->bld", out, jnp.asarray(weights, self.dtype))
+    fn = moe.ragged_expert_mlp if cfg.moe_implementation == "ragged" else moe.dense_expert_mlp
+    b, l = x.shape[:2]
+    k = experts.shape[-1]
+    out = fn(jnp.asarray(x, self.dtype).reshape(b * l, d), jnp.asarray(gate_up, self.dtype),
+             jnp.asarray(down, self.dtype), experts.reshape(b * l, k),
+             jnp.asarray(weights, self.dtype).reshape(b * l, k),
+             layers.activation(cfg.hidden_act))
+    return out.reshape(b, l, d)
 
 
 class Qwen3SparseMoeBlock(nn.Module):
   """Router + experts (spec 5.2; HF ``Qwen3MoeSparseMoeBlock`` / ``Qwen3VLMoeTextSparseMoeBlock``).
 
   ``gate`` Linear D->E without bias (compute dtype); softmax over all E in float32; top-k;
-  renormalise when ``norm_topk_prob``; cast to the compute dtype; experts mixed densely.
+  renormalise when ``norm_topk_prob``; cast to the compute dtype; experts evaluated densely or
+  routed per ``config.moe_implementation`` (see :class:`Qwen3MoeExperts`).
   Call: x [B, L, D] -> [B, L, D].
   """
   config: Qwen3TextConfig
@@ -329,10 +397,8 @@ class Qwen3SparseMoeBlock(nn.Module):
     if cfg.norm_topk_prob:
       top_p = top_p / jnp.sum(top_p, axis=-1, keepdims=True)
     top_p = jnp.asarray(top_p, self.dtype)
-    onehot = jax.nn.one_hot(top_i, cfg.num_experts, dtype=self.dtype)  # [B, L, k, E]
-    weights = jnp.einsum("blke,blk->ble", onehot, top_p)  # distinct experts: exact scatter
     return Qwen3MoeExperts(cfg, dtype=self.dtype, param_dtype=self.param_dtype,
-                           name="experts")(x, weights)
+                           name="experts")(x, top_p, top_i)
 
 
 class Qwen3DecoderLayer(nn.Module):
@@ -346,12 +412,12 @@ class Qwen3DecoderLayer(nn.Module):
     sparse: MoE MLP (used when ``layer_idx`` is None).
   Call args:
     h: [B, L, D] residual stream (carry).
-    xs: ``(index int32 [], cache_k [B,T,kvH,hd] | None, cache_v | None)``.
+    xs: ``(index int32 [], cache_k [B,kvH,T,hd] | None, cache_v | None)``.
     angles, mask, cache_index, deterministic: see :class:`Qwen3Attention`.
     deepstack: None or [K, B, L, D]; ``deepstack[index]`` is added after this layer when
       ``index < K``, at positions where ``visual_mask`` [B, L] is True (everywhere when None).
   Returns:
-    (h [B, L, D], (new_cache_k, new_cache_v) or (None, None)).
+    (h [B, L, D], (k_new, v_new) each [B, L, kvH, hd] with a cache, else (None, None)).
   """
   config: Qwen3TextConfig
   layer_idx: int | None = None
@@ -400,11 +466,11 @@ class Qwen3DecoderLayer(nn.Module):
 def init_cache(config: Qwen3TextConfig, batch: int, max_length: int, dtype: Dtype = jnp.float32):
   """Empty KV cache for :class:`Qwen3Model`.
 
-  Returns a dict ``{"k": [NL, B, T, kvH, hd], "v": same, "mask": bool [B, T]}`` (T =
+  Returns a dict ``{"k": [NL, B, kvH, T, hd], "v": same, "mask": bool [B, T]}`` (T =
   ``max_length``, NL layers stacked on the leading axis in both scan and unscanned mode);
   ``mask`` marks slots holding real (non-pad) tokens.
   """
-  shape = (config.num_hidden_layers, batch, max_length, config.num_key_value_heads,
+  shape = (config.num_hidden_layers, batch, config.num_key_value_heads, max_length,
            config.head_dim)
   return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
           "mask": jnp.zeros((batch, max_length), bool)}
@@ -515,12 +581,12 @@ class Qwen3Model(nn.Module):
         raise ValueError("cache_index is required with kv_cache (first slot of the new tokens)")
       expected = (cfg.num_hidden_layers, batch)
       if kv_cache["k"].shape[:2] != expected or kv_cache["mask"].shape[0] != batch:
-        raise ValueError(f"kv_cache k must be [NL, B, T, kvH, hd] with NL, B = {expected}, got "
+        raise ValueError(f"kv_cache k must be [NL, B, kvH, T, hd] with NL, B = {expected}, got "
                          f"{kv_cache['k'].shape}; build it with init_cache")
       cache_index = jnp.asarray(cache_index, jnp.int32)
+      mask = _build_cache_masks(attention_mask, kv_cache["mask"], cache_index)
       new_cache_mask = jax.lax.dynamic_update_slice(kv_cache["mask"], attention_mask,
                                                     (0, cache_index))
-      mask = _build_mask(attention_mask, batch, length, new_cache_mask, cache_index)
       ck, cv = kv_cache["k"], kv_cache["v"]
     else:
       mask = _build_mask(attention_mask, batch, length)
@@ -544,7 +610,13 @@ class Qwen3Model(nn.Module):
       nk = None if ck is None else jnp.stack(nks)
       nv = None if cv is None else jnp.stack(nvs)
     h = self.norm(h)
-    new_cache = None if kv_cache is None else {"k": nk, "v": nv, "mask": new_cache_mask}
+    new_cache = None
+    if kv_cache is not None:  # one in-place write of every layer's new keys/values
+      start = (0, 0, 0, cache_index, 0)
+      heads_first = lambda x, c: jnp.asarray(jnp.swapaxes(x, 2, 3), c.dtype)  # [NL,B,kvH,L,hd]
+      new_cache = {"k": jax.lax.dynamic_update_slice(ck, heads_first(nk, ck), start),
+                   "v": jax.lax.dynamic_update_slice(cv, heads_first(nv, cv), start),
+                   "mask": new_cache_mask}
     return h, new_cache
 
 
