@@ -37,8 +37,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from vlm.nn import moe
 from vlm.nn import layers
+from vlm.nn import moe
 from vlm.nn import partitioning as P
 from vlm.nn.attention import dot_product_attention
 
