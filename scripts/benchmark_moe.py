@@ -1,4 +1,4 @@
-"""Dense vs routed ("ragged") MoE expert layer timings (:mod:`vlm.nn.moe`).
+"""Dense vs routed ("ragged", "gather") MoE expert layer timings (:mod:`vlm.nn.moe`).
 
 Usage::
 
@@ -13,7 +13,7 @@ Usage::
 What it does: random tokens x [T, D], expert weights gate_up [E, D, 2I] and down [E, I, D]
 (N(0, 1/fan_in)), routing from random router logits (softmax, top-k, renormalised, as
 ``Qwen3SparseMoeBlock``); jits :func:`vlm.nn.moe.dense_expert_mlp` and
-:func:`vlm.nn.moe.ragged_expert_mlp` (with ``--backward``: ``jax.grad`` of ``sum(y * c)`` w.r.t.
+:func:`vlm.nn.moe.ragged_expert_mlp` and :func:`vlm.nn.moe.gather_expert_mlp` (with ``--backward``: ``jax.grad`` of ``sum(y * c)`` w.r.t.
 x, gate_up and down), checks that both give the same output, then reports the median wall time
 of ``--iters`` calls after ``--warmup`` untimed ones, tokens/s, the matmul FLOPs each path is
 asked for (dense 6*T*E*D*I, routed 6*T*k*D*I, forward) and the ratio dense time / ragged time
@@ -33,6 +33,11 @@ T=8192 D=2048 I=768 E=128 k=8 bf16, fwd         H200, jax 0.11.2  17.2 ms    118
 same, ``--backward``                            H200, jax 0.11.2  39.8 ms    360.4 ms
 same with T=64, fwd                             H200, jax 0.11.2  1.13 ms    1.17 ms
 ==============================================  ================  =========  =========
+
+The "gather" path (each token's k expert matrices gathered; what ``moe_implementation="auto"``
+uses when T*k < E, i.e. decode) on a decode-sized call, 2-core CPU, float32, T=2 D=512 I=256
+E=64 k=4: dense 97.2 ms, ragged 108.3 ms, gather 3.1 ms forward (31.8x); forward+backward
+211.6 / 214.3 / 70.3 ms.
 
 This is a benchmark, not a test: pytest never runs it.
 """
@@ -115,27 +120,32 @@ def main(argv=None):
   a = _parse(argv)
   args = _inputs(a)
   fns = {"dense": _make(moe.dense_expert_mlp, a.backward),
-         "ragged": _make(moe.ragged_expert_mlp, a.backward)}
+         "ragged": _make(moe.ragged_expert_mlp, a.backward),
+         "gather": _make(moe.gather_expert_mlp, a.backward)}
   outs = {k: f(*args) for k, f in fns.items()}
-  err = max(float(jnp.max(jnp.abs(jnp.asarray(p, jnp.float32) - jnp.asarray(q, jnp.float32))))
-            for p, q in zip(jax.tree.leaves(outs["dense"]), jax.tree.leaves(outs["ragged"])))
-  ref = max(float(jnp.max(jnp.abs(jnp.asarray(p, jnp.float32))))
-            for p in jax.tree.leaves(outs["dense"]))
+  as32 = lambda x: jnp.asarray(x, jnp.float32)
+  err = {k: max(float(jnp.max(jnp.abs(as32(p) - as32(q))))
+                for p, q in zip(jax.tree.leaves(outs["dense"]), jax.tree.leaves(outs[k])))
+         for k in ("ragged", "gather")}
+  ref = max(float(jnp.max(jnp.abs(as32(p)))) for p in jax.tree.leaves(outs["dense"]))
   t = {k: _time(f, args, a.warmup, a.iters) for k, f in fns.items()}
-  flops = {"dense": 6 * a.tokens * a.experts * a.hidden * a.inter,
-           "ragged": 6 * a.tokens * a.topk * a.hidden * a.inter}
+  routed = 6 * a.tokens * a.topk * a.hidden * a.inter
+  flops = {"dense": 6 * a.tokens * a.experts * a.hidden * a.inter, "ragged": routed,
+           "gather": routed}
   res = dict(vars(a), backend=jax.default_backend(), device=str(jax.devices()[0].device_kind),
              jax=jax.__version__, host=platform.node(), max_abs_diff=err, max_abs_ref=ref,
-             dense_s=t["dense"], ragged_s=t["ragged"], speedup_ragged=t["dense"] / t["ragged"],
+             dense_s=t["dense"], ragged_s=t["ragged"], gather_s=t["gather"],
+             speedup_ragged=t["dense"] / t["ragged"], speedup_gather=t["dense"] / t["gather"],
              fwd_flops_dense=flops["dense"], fwd_flops_ragged=flops["ragged"])
   what = "forward+backward" if a.backward else "forward"
   print(f"jax {jax.__version__} on {res['backend']} ({res['device']}); {what}, {a.dtype}, "
         f"T={a.tokens} D={a.hidden} I={a.inter} E={a.experts} k={a.topk}")
-  for k in ("dense", "ragged"):
+  for k in ("dense", "ragged", "gather"):
     print(f"  {k:6s}: {t[k] * 1e3:9.3f} ms  {a.tokens / t[k]:12.0f} tokens/s  "
           f"(forward matmul FLOPs {flops[k] / 1e9:.2f} G)")
-  print(f"  dense/ragged time ratio: {res['speedup_ragged']:.2f} (> 1: ragged faster); "
-        f"max |dense - ragged| = {err:.2e} (max |dense| {ref:.2e})")
+  for k in ("ragged", "gather"):
+    print(f"  dense/{k} time ratio: {t['dense'] / t[k]:.2f} (> 1: {k} faster); "
+          f"max |dense - {k}| = {err[k]:.2e} (max |dense| {ref:.2e})")
   if a.json:
     with open(a.json, "w") as fh:
       json.dump(res, fh, indent=1)

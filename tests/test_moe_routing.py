@@ -49,10 +49,11 @@ def test_sort_by_expert_layout():
 
 
 def _both(x, gate_up, down, ids, w):
-  """(dense, ragged) outputs and the gradients of sum(out * c) w.r.t. x, gate_up, down, w."""
+  """(dense, ragged, gather) outputs and the gradients of sum(out * c) w.r.t. x, gate_up, down,
+  w."""
   c = jnp.cos(jnp.arange(x.size, dtype=jnp.float32)).reshape(x.shape)
   out = []
-  for fn in (moe.dense_expert_mlp, moe.ragged_expert_mlp):
+  for fn in (moe.dense_expert_mlp, moe.ragged_expert_mlp, moe.gather_expert_mlp):
     loss = lambda x, gu, dn, w, fn=fn: jnp.sum(fn(x, gu, dn, ids, w, jax.nn.silu) * c)
     out.append((fn(x, gate_up, down, ids, w, jax.nn.silu),
                 jax.grad(loss, argnums=(0, 1, 2, 3))(x, gate_up, down, w)))
@@ -60,8 +61,10 @@ def _both(x, gate_up, down, ids, w):
 
 
 def _errs(result):
-  (y_d, g_d), (y_r, g_r) = result
-  return _max(y_d, y_r), max(_max(p, q) for p, q in zip(g_d, g_r))
+  """Worst (output, gradient) difference of the ragged and gather paths to the dense one."""
+  (y_d, g_d), *others = result
+  return (max(_max(y_d, y) for y, _ in others),
+          max(_max(p, q) for _, g in others for p, q in zip(g_d, g)))
 
 
 # (B, L, E, k, experts that receive no token)
@@ -83,8 +86,9 @@ def test_ragged_equals_dense():
     errs = {"jit": _errs(r)}
     if case == CASES[1]:
       x, gate_up, down, ids, w = p
-      errs["eager"] = (_max(moe.dense_expert_mlp(x, gate_up, down, ids, w, jax.nn.silu),
-                            moe.ragged_expert_mlp(x, gate_up, down, ids, w, jax.nn.silu)), 0.0)
+      dense = moe.dense_expert_mlp(x, gate_up, down, ids, w, jax.nn.silu)
+      errs["eager"] = (max(_max(dense, fn(x, gate_up, down, ids, w, jax.nn.silu))
+                           for fn in (moe.ragged_expert_mlp, moe.gather_expert_mlp)), 0.0)
     print(f"B,L,E,k,unused={case}: max abs err (out, grad) {errs}")
     worst = max(worst, *(max(v) for v in errs.values()))
   assert worst <= TOL, worst
@@ -109,13 +113,17 @@ TEXT = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_laye
 
 
 def test_config_validation():
-  assert Q.Qwen3TextConfig(**TEXT).moe_implementation == "dense"
+  assert Q.Qwen3TextConfig(**TEXT).moe_implementation == "auto"
+  # auto: gather while tokens x k < experts (decode), dense otherwise; explicit choices kept
+  assert moe.choose_implementation("auto", 2, 128, 8) == "gather"
+  assert moe.choose_implementation("auto", 16, 128, 8) == "dense"
+  assert moe.choose_implementation("ragged", 1, 128, 8) == "ragged"
   with pytest.raises(ValueError, match="moe_implementation"):
     Q.Qwen3TextConfig(**TEXT, moe_implementation="sparse")
   # never taken from an HF config dict: the default stays
   cfg = Q.Qwen3TextConfig.from_hf_dict({**TEXT, "model_type": "qwen3_moe",
                                         "moe_implementation": "ragged"})
-  assert cfg.moe_implementation == "dense" and cfg.num_experts == 8
+  assert cfg.moe_implementation == "auto" and cfg.num_experts == 8
   assert dataclasses.replace(cfg, moe_implementation="ragged").moe_implementation == "ragged"
 
 
@@ -176,17 +184,18 @@ def test_text_model_logits_dense_vs_ragged_and_on_8_device_mesh():
   """Whole tiny Qwen3-MoE ``Qwen3LM``: "ragged" logits (unscanned and scanned) equal "dense" ones;
   and the ragged model with parameters placed by the default logical rules on a (data 2,
   tensor 2, expert 2) mesh gives the same logits (correctness; see vlm.nn.moe for the cost)."""
-  cfg = Q.Qwen3TextConfig(**TEXT)
+  cfg = Q.Qwen3TextConfig(**TEXT, moe_implementation="dense")
   rag = dataclasses.replace(cfg, moe_implementation="ragged")
+  gat = dataclasses.replace(cfg, moe_implementation="gather")
   ids, ang, mask = _model_inputs(cfg, b=4)
   params = _randomize(nn.unbox(Q.Qwen3LM(cfg).init(jax.random.key(0), ids, ang))["params"], 3)
 
   def run(params):
     return [Q.Qwen3LM(c, scan_layers=s).apply(
         {"params": Q.stack_layers(params) if s else params}, ids, ang, mask)[0]
-            for c, s in ((cfg, False), (rag, False), (rag, True))]
+            for c, s in ((cfg, False), (rag, False), (rag, True), (gat, True))]
 
-  dense, ragged, ragged_scan = jax.jit(run)(params)
+  dense, ragged, ragged_scan, gather_scan = jax.jit(run)(params)
   real = np.asarray(mask)
   err = lambda o: float(np.abs(np.asarray(o) - np.asarray(dense))[real].max())
 
@@ -199,7 +208,8 @@ def test_text_model_logits_dense_vs_ragged_and_on_8_device_mesh():
   assert spec[0] == "expert", spec
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     on_mesh = jax.jit(model.apply)({"params": sharded}, ids, ang, mask)[0]
-  errs = [err(ragged), err(ragged_scan), err(on_mesh)]
-  print(f"Qwen3LM logits max abs err vs dense: ragged {errs[0]:.2e}, ragged+scan {errs[1]:.2e}, "
+  errs = [err(ragged), err(ragged_scan), err(on_mesh), err(gather_scan)]
+  print(f"Qwen3LM logits max abs err vs dense: gather+scan {errs[3]:.2e}, ragged {errs[0]:.2e}, "
+        f"ragged+scan {errs[1]:.2e}, "
         f"ragged on 8-device mesh {errs[2]:.2e} (max |logit| {float(jnp.max(jnp.abs(dense))):.2f})")
   assert max(errs) <= TOL

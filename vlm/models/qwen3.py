@@ -64,7 +64,10 @@ class Qwen3TextConfig:
       mesh axis; the faster one on CPU and GPU with jax <= 0.11, and the one to use with expert
       parallelism), ``"ragged"`` routes each token to its k experts only (dropless,
       ``jax.lax.ragged_dot``; k/E of the FLOPs where ragged_dot lowers to a grouped matmul,
-      e.g. TPU). Same result up to float summation order; timings in ``vlm.nn.moe``.
+      e.g. TPU), ``"gather"`` gathers each token's k expert matrices (T*k expert reads instead
+      of E: decode steps), ``"auto"`` (default) is "gather" when a call has ``B*L*k < E``
+      tokens x experts and "dense" otherwise. Same result up to float summation order; timings
+      in ``vlm.nn.moe``.
   MoE: ``num_experts > 0`` makes layer ``i`` sparse when ``i not in mlp_only_layers`` and
   ``(i + 1) % decoder_sparse_step == 0`` (HF ``Qwen3MoeDecoderLayer``); sparse layers use
   ``moe_intermediate_size``, dense layers ``intermediate_size``. ``norm_topk_prob`` renormalises
@@ -95,7 +98,7 @@ class Qwen3TextConfig:
   mlp_only_layers: tuple[int, ...] = ()
   mrope_section: tuple[int, ...] | None = None
   mrope_interleaved: bool = False
-  moe_implementation: str = "dense"
+  moe_implementation: str = "auto"
 
   def __post_init__(self):
     if self.head_dim is None:
@@ -119,8 +122,8 @@ class Qwen3TextConfig:
                        f"got {self.num_experts_per_tok}")
     if self.decoder_sparse_step < 1:
       raise ValueError(f"decoder_sparse_step must be >= 1, got {self.decoder_sparse_step}")
-    if self.moe_implementation not in ("dense", "ragged"):
-      raise ValueError(f"moe_implementation must be 'dense' or 'ragged', got "
+    if self.moe_implementation not in ("auto", "dense", "ragged", "gather"):
+      raise ValueError(f"moe_implementation must be 'auto', 'dense', 'ragged' or 'gather', got "
                        f"{self.moe_implementation!r}")
 
   @property
@@ -347,6 +350,9 @@ class Qwen3MoeExperts(nn.Module):
   E/k times the routed FLOPs and a [T, E, 2I] intermediate (HF's eval path does the same).
   ``"ragged"`` (:func:`vlm.nn.moe.ragged_expert_mlp`): dropless routing, each token through its
   k experts with ``jax.lax.ragged_dot``; equal up to float summation order.
+  ``"gather"`` (:func:`vlm.nn.moe.gather_expert_mlp`): each token's k expert matrices gathered
+  (T*k expert reads instead of E: decode). ``"auto"`` (default) picks "gather" when
+  ``B * L * k < E``, else "dense" (:func:`vlm.nn.moe.choose_implementation`).
 
   Call args: x [B, L, D]; weights [B, L, k] routing weights (compute dtype); experts int [B, L, k]
   distinct expert ids per token. Returns [B, L, D] in the compute dtype.
@@ -365,9 +371,9 @@ class Qwen3MoeExperts(nn.Module):
                          (e, d, 2 * i), self.param_dtype)
     down = self.param("down_proj", P.with_axes(init, (P.EXPERT, P.MLP, P.EMBED)),
                       (e, i, d), self.param_dtype)
-    fn = moe.ragged_expert_mlp if cfg.moe_implementation == "ragged" else moe.dense_expert_mlp
     b, l = x.shape[:2]
     k = experts.shape[-1]
+    fn = moe.IMPLEMENTATIONS[moe.choose_implementation(cfg.moe_implementation, b * l, e, k)]
     out = fn(jnp.asarray(x, self.dtype).reshape(b * l, d), jnp.asarray(gate_up, self.dtype),
              jnp.asarray(down, self.dtype), experts.reshape(b * l, k),
              jnp.asarray(weights, self.dtype).reshape(b * l, k),

@@ -1,8 +1,10 @@
-"""The routed ("ragged") MoE path against HF transformers 4.57.1 (float32, tiny random configs).
+"""The routed MoE paths ("ragged", "gather") against HF transformers 4.57.1 (float32, tiny random
+configs).
 
 Same models, weights and inputs as ``test_qwen3_text.test_moe_logits`` (``Qwen3MoeForCausalLM``,
 norm_topk_prob on/off, a dense layer among MoE ones) and ``test_qwen3_vl`` (``Qwen3VLMoe
-ForConditionalGeneration``), with ``Qwen3TextConfig.moe_implementation = "ragged"``.
+ForConditionalGeneration``), with ``Qwen3TextConfig.moe_implementation`` "ragged" or "gather"
+(the default, "auto", is "dense" for these prefill shapes).
 """
 import dataclasses
 
@@ -23,8 +25,9 @@ from vlm.models.qwen_vit import vision_inputs
 from vlm.models.rope_index import qwen3_vl_get_rope_index
 
 
-@pytest.mark.parametrize("norm_topk_prob,mlp_only_layers", [(True, []), (False, [1])])
-def test_qwen3_moe_ragged_logits(norm_topk_prob, mlp_only_layers):
+@pytest.mark.parametrize("norm_topk_prob,mlp_only_layers,impl",
+                         [(True, [], "ragged"), (False, [1], "ragged"), (True, [], "gather")])
+def test_qwen3_moe_routed_logits(norm_topk_prob, mlp_only_layers, impl):
   torch.manual_seed(0)
   hf_cfg = Qwen3MoeConfig(**T.COMMON, num_experts=4, num_experts_per_tok=2,
                           moe_intermediate_size=32, norm_topk_prob=norm_topk_prob,
@@ -32,14 +35,14 @@ def test_qwen3_moe_ragged_logits(norm_topk_prob, mlp_only_layers):
                           tie_word_embeddings=True)
   hf = T._randomize(Qwen3MoeForCausalLM(hf_cfg), 1)
   cfg = Q.Qwen3TextConfig.from_hf_dict(hf.config.to_dict())
-  assert cfg.moe_implementation == "dense"
-  cfg = dataclasses.replace(cfg, moe_implementation="ragged")
+  assert cfg.moe_implementation == "auto"
+  cfg = dataclasses.replace(cfg, moe_implementation=impl)
   params = T.hf_to_vlm(hf.state_dict(), num_experts=4, tied=True)
   ids, mask, pos = T._inputs(3)
   ang = T._angles(pos, hf.model.rotary_emb.inv_freq.numpy())
   ours, _ = jax.jit(Q.Qwen3LM(cfg).apply)({"params": params}, ids, ang, mask)
   err = T._max_err(ours, T._hf_logits(hf, ids, mask, pos), mask)
-  print(f"qwen3-moe ragged norm_topk_prob={norm_topk_prob} logits max abs err {err:.2e}")
+  print(f"qwen3-moe {impl} norm_topk_prob={norm_topk_prob} logits max abs err {err:.2e}")
   assert err <= T.TOL
 
 
@@ -53,7 +56,7 @@ def test_qwen3_vl_moe_ragged_logits(tmp_path):
               pixel_values_videos=torch.tensor(vid_px),
               video_grid_thw=torch.tensor(V.VGRIDS)).logits.numpy()
   config, params = load_hf_qwen3_vl(str(tmp_path / "hf"))
-  assert config.text.num_experts > 0 and config.text.moe_implementation == "dense"
+  assert config.text.num_experts > 0 and config.text.moe_implementation == "auto"
   config = dataclasses.replace(
       config, text=dataclasses.replace(config.text, moe_implementation="ragged"))
   pos, _ = qwen3_vl_get_rope_index(ids, V.GRIDS, V.VGRIDS, mask, 2, V.IMG, V.VID, V.VS)
