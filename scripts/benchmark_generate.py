@@ -78,6 +78,8 @@ def parse_args(argv=None):
   p.add_argument("--new_tokens", type=int, default=32, help="N new tokens per row (>= 2)")
   p.add_argument("--iters", type=int, default=3, help="timed iterations (median reported)")
   p.add_argument("--warmup", type=int, default=1, help="untimed calls before timing")
+  p.add_argument("--hf_device", default="cpu",
+                 help="torch device for HF (cpu, cuda); use cuda when jax runs on a GPU")
   p.add_argument("--torch_threads", type=int, default=None,
                  help="torch.set_num_threads (default: torch's default)")
   p.add_argument("--attn", default="sdpa", choices=("sdpa", "eager"),
@@ -169,7 +171,7 @@ def main(argv=None):
       "torch": torch.__version__, "transformers": transformers.__version__,
       "numpy": np.__version__, "jax_devices": [str(d) for d in jax.devices()],
       "jax_backend": jax.default_backend(), "device_kind": jax.devices()[0].device_kind,
-      "torch_device": "cpu", "os_cpu_count": os.cpu_count(),
+      "torch_device": args.hf_device, "os_cpu_count": os.cpu_count(),
       "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
       "torch_num_threads": torch.get_num_threads(),
       "torch_num_interop_threads": torch.get_num_interop_threads(),
@@ -229,8 +231,11 @@ def main(argv=None):
   pixels = rng.standard_normal((n_patch, 3 * 2 * 8 * 8)).astype(np.float32)
   B = ids.shape[0]
   batch = dict(input_ids=ids, attention_mask=mask, pixel_values=pixels, image_grid_thw=grids)
-  hf_in = dict(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
-               pixel_values=torch.tensor(pixels), image_grid_thw=torch.tensor(grids))
+  dev = torch.device(args.hf_device)
+  hf = hf.to(dev)
+  hf_in = {k: torch.tensor(v).to(dev) for k, v in
+           dict(input_ids=ids, attention_mask=mask, pixel_values=pixels, image_grid_thw=grids).items()}
+  sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
   print(f"\n== config: text {args.layers}x{args.hidden_size} (heads {args.heads}, kv "
         f"{args.kv_heads}, head_dim {hd}, mlp {text['intermediate_size']}, vocab {V}, mrope "
         f"{section}); vision 2x64 patch 8 merge 2; {n_params:,} params; float32 both sides; "
@@ -279,12 +284,14 @@ def main(argv=None):
   # ---- HF pieces --------------------------------------------------------------------------------
   def hf_prefill(_):
     with torch.no_grad():
-      return hf(**hf_in, use_cache=True, logits_to_keep=1).logits
+      out = hf(**hf_in, use_cache=True, logits_to_keep=1).logits
+      sync()
+      return out
 
   def hf_generate(_):
     with torch.no_grad():
       return hf.generate(**hf_in, do_sample=False, max_new_tokens=N, min_new_tokens=N,
-                         eos_token_id=EOS, pad_token_id=PAD).numpy()[:, L:]
+                         eos_token_id=EOS, pad_token_id=PAD).cpu().numpy()[:, L:]
 
   # ---- compile + greedy check -------------------------------------------------------------------
   t0 = time.perf_counter()
@@ -334,7 +341,7 @@ def main(argv=None):
   ]
   print(f"\n== summary: text {args.layers}x{args.hidden_size}, B={B}, prompt {L} tokens "
         f"(prefill counts B*L = {pt}), N={N} (decode counts B*(N-1) = {dt}); vlm jax "
-        f"{env['jax']} on {env['device_kind']} vs HF torch {env['torch']} CPU "
+        f"{env['jax']} on {env['device_kind']} vs HF torch {env['torch']} on {args.hf_device} "
         f"({env['torch_num_threads']} threads); float32; greedy identical: {same}")
   hdr = f"{'phase':13s} {'unit':10s} {'vlm':>10s} {'HF':>10s} {'vlm/HF':>7s}"
   print(hdr)
