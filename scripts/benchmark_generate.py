@@ -261,7 +261,7 @@ def main(argv=None):
 
   def vlm_prefill(cache):
     return jax.block_until_ready(fns.prefill(params, x_ids, x_pos, x_mask, x_pix, tables,
-                                             vindex, cache, key))
+                                             vindex, cache, key, None))
 
   def vlm_after_prefill():
     return vlm_prefill(new_cache())
@@ -273,7 +273,7 @@ def main(argv=None):
   def vlm_decode(state):
     tok, cache = state
     out, steps = fns.decode(params, tok, cache, deltas, lp, jnp.asarray(N, jnp.int32), no_eos,
-                            key, not_done)
+                            key, not_done, None)
     out = np.asarray(out)
     assert int(steps) == N - 1, int(steps)
     return out

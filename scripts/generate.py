@@ -25,17 +25,27 @@ def define_flags():
   flags.DEFINE_string("prompt", "Describe this image.", "User text.")
   flags.DEFINE_string("video", None, "Optional video file (decoded at the processor's fps).")
   flags.DEFINE_integer("max_new_tokens", 20, "Tokens to generate.")
-  flags.DEFINE_float("temperature", 0.0, "0 = greedy; > 0 samples.")
-  flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass (with --temperature > 0).")
+  flags.DEFINE_float("temperature", None, "0 = greedy; > 0 samples. Default: the checkpoint's "
+                     "generation_config.json (greedy when it has none or do_sample is false).")
+  flags.DEFINE_float("top_p", None, "Nucleus sampling mass (default: generation_config.json, "
+                     "else 1.0).")
+  flags.DEFINE_integer("top_k", None, "Top-k before top-p (default: generation_config.json, "
+                       "else 0 = off).")
+  flags.DEFINE_float("repetition_penalty", None, "HF repetition penalty (default: "
+                     "generation_config.json, else 1.0 = off).")
   flags.DEFINE_integer("seed", 0, "Sampling seed.")
   flags.DEFINE_integer("max_pixels", None, "Override the processor's image pixel budget.")
   flags.mark_flags_as_required(["checkpoint"])
 
 
 def run(checkpoint: str, image: str | None, prompt: str, video: str | None = None,
-        max_new_tokens: int = 20, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
-        max_pixels: int | None = None) -> str:
+        max_new_tokens: int = 20, temperature: float | None = None, top_p: float | None = None,
+        seed: int = 0, max_pixels: int | None = None, top_k: int | None = None,
+        repetition_penalty: float | None = None) -> str:
   """Loads ``checkpoint``, generates for one chat turn and returns the decoded answer.
+
+  Sampling settings left None come from the checkpoint's ``generation_config.json``
+  (:func:`vlm.inference.generate.load_generation_config`), else greedy without filters.
 
   Raises:
     ValueError: a non-Qwen-VL checkpoint, or inputs the processor rejects.
@@ -47,7 +57,7 @@ def run(checkpoint: str, image: str | None, prompt: str, video: str | None = Non
   from PIL import Image
 
   import vlm
-  from vlm.inference.generate import generate
+  from vlm.inference.generate import generate, load_generation_config
 
   model, params, processor = vlm.load_pretrained(checkpoint)
   if not hasattr(processor, "apply_chat_template"):
@@ -73,10 +83,15 @@ def run(checkpoint: str, image: str | None, prompt: str, video: str | None = Non
   text = processor.apply_chat_template([{"role": "user", "content": content}])
   batch = processor(text=[text], images=images, videos=videos)
   tok = processor.tokenizer
-  eos = [tok.eos_token_id, tok.pad_token_id]
-  out = generate(model, params, batch, max_new_tokens=max_new_tokens, eos_token_ids=eos,
-                 pad_token_id=tok.pad_token_id, temperature=temperature, top_p=top_p,
-                 rng=jax.random.PRNGKey(seed))
+  settings = dict(eos_token_ids=[tok.eos_token_id, tok.pad_token_id],
+                  pad_token_id=tok.pad_token_id)
+  settings.update(load_generation_config(checkpoint))
+  given = dict(temperature=temperature, top_p=top_p, top_k=top_k,
+               repetition_penalty=repetition_penalty)
+  settings.update({k: v for k, v in given.items() if v is not None})
+  eos = settings["eos_token_ids"]
+  out = generate(model, params, batch, max_new_tokens=max_new_tokens,
+                 rng=jax.random.PRNGKey(seed), **settings)
   ids = [int(t) for t in out[0]]
   for stop in eos:
     if stop in ids:
@@ -87,7 +102,8 @@ def run(checkpoint: str, image: str | None, prompt: str, video: str | None = Non
 def main(argv):
   del argv
   print(run(FLAGS.checkpoint, FLAGS.image, FLAGS.prompt, FLAGS.video, FLAGS.max_new_tokens,
-            FLAGS.temperature, FLAGS.top_p, FLAGS.seed, FLAGS.max_pixels))
+            FLAGS.temperature, FLAGS.top_p, FLAGS.seed, FLAGS.max_pixels, FLAGS.top_k,
+            FLAGS.repetition_penalty))
 
 
 if __name__ == "__main__":

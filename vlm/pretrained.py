@@ -55,8 +55,9 @@ def load_pretrained(path: str | os.PathLike, *, dtype: Any = None, param_dtype: 
       bf16 checkpoint at half the memory).
     scan_layers, remat: Qwen only: decoder layers under ``nn.scan`` (parameters returned stacked,
       ``language_model/layers``) and rematerialised, for training; see :class:`Qwen3VL`.
-    moe_implementation: Qwen MoE only: ``"dense"`` or ``"ragged"`` expert evaluation
-      (``Qwen3TextConfig.moe_implementation``); None keeps the config default.
+    moe_implementation: Qwen MoE only: ``"auto"``, ``"dense"``, ``"ragged"`` or ``"gather"``
+      expert evaluation (``Qwen3TextConfig.moe_implementation``); None keeps the default
+      ("auto").
   Returns:
     ``(model, params, processor)``: a Flax module, its ``"params"`` collection (jnp arrays of
     ``param_dtype``), and the matching processor (Qwen: a left-padding ``Qwen3VLProcessor`` /
@@ -70,6 +71,9 @@ def load_pretrained(path: str | os.PathLike, *, dtype: Any = None, param_dtype: 
   import jax
   import jax.numpy as jnp
   import numpy as np
+  if moe_implementation not in (None, "auto", "dense", "ragged", "gather"):
+    raise ValueError(f"moe_implementation must be 'auto', 'dense', 'ragged' or 'gather', got "
+                     f"{moe_implementation!r}")  # checked before any weight is read
   dtype = jnp.float32 if dtype is None else dtype
   param_dtype = jnp.float32 if param_dtype is None else param_dtype
   path = os.fspath(path)

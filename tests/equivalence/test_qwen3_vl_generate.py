@@ -8,6 +8,7 @@
   tiny model with the real Qwen3 vocabulary size and a real COCO photo.
 """
 import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -94,12 +95,12 @@ def test_greedy_matches_hf(tmp_path):
   hf.save_pretrained(tmp_path, safe_serialization=True)
   ids, mask, pixels = _inputs()
 
-  def hf_generate(eos):
+  def hf_generate(eos, **kw):
     with torch.no_grad():
       out = hf.generate(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
                         pixel_values=torch.tensor(pixels), image_grid_thw=torch.tensor(GRIDS),
                         do_sample=False, max_new_tokens=NEW, eos_token_id=eos,
-                        pad_token_id=PAD).numpy()[:, ids.shape[1]:]
+                        pad_token_id=PAD, **kw).numpy()[:, ids.shape[1]:]
     return np.pad(out, ((0, 0), (0, NEW - out.shape[1])), constant_values=PAD)
 
   want = hf_generate(EOS)
@@ -132,6 +133,14 @@ def test_greedy_matches_hf(tmp_path):
   np.testing.assert_array_equal(
       generate(model, params, one, max_new_tokens=NEW, eos_token_ids=[EOS], pad_token_id=PAD),
       want[1:])
+
+  # HF's repetition penalty (prompt ids incl. padding, and generated tokens), greedy
+  want_rep = hf_generate(EOS, repetition_penalty=1.5)
+  got_rep = generate(model, params, batch, max_new_tokens=NEW, eos_token_ids=EOS,
+                     pad_token_id=PAD, repetition_penalty=1.5)
+  print("repetition_penalty 1.5", got_rep.tolist())
+  assert (want_rep != want).any()  # the penalty changes the greedy path here
+  np.testing.assert_array_equal(got_rep, want_rep)
 
   # images and a video in one batch (packed images then videos, Qwen3-VL per-frame blocks)
   vids, vmask, vpix = _video_inputs()
@@ -177,10 +186,23 @@ def test_generate_script_real_vocab(tmp_path):
                             "mrope_interleaved": True})
   cfg = HFConfig(vision_config=vision, text_config=text, tie_word_embeddings=True)
   _randomize(Qwen3VLForConditionalGeneration(cfg), 2).save_pretrained(tmp_path / "hf")
+  # the released Instruct sampling defaults (spec 7.7): the script must pick them up
+  (tmp_path / "hf" / "generation_config.json").write_text(json.dumps({
+      "do_sample": True, "temperature": 0.7, "top_k": 20, "top_p": 0.8,
+      "eos_token_id": [151645, 151643], "pad_token_id": 151643}))
+  mod = _script("generate")
+  photo = os.path.join(REPO, "data", "coco", "images", "000000000139.jpg")
+  seeded = [mod.run(str(tmp_path / "hf"), photo, "Hi", max_new_tokens=4, seed=s,
+                    max_pixels=128 * 128) for s in (0, 0, 1)]
+  greedy = [mod.run(str(tmp_path / "hf"), photo, "Hi", max_new_tokens=4, seed=s,
+                    max_pixels=128 * 128, temperature=0.0) for s in (0, 1)]
+  assert seeded[0] == seeded[1] and greedy[0] == greedy[1]
+  assert len({seeded[0], seeded[2], greedy[0]}) > 1  # the checkpoint's sampling is on
   photo = os.path.join(REPO, "data", "coco", "images", "000000000139.jpg")
   cmd = [sys.executable, os.path.join(REPO, "scripts", "generate.py"),
          f"--checkpoint={tmp_path / 'hf'}", f"--image={photo}",
-         "--prompt=What is in the picture?", "--max_new_tokens=5", f"--max_pixels={128 * 128}"]
+         "--prompt=What is in the picture and the clip?", "--max_new_tokens=5",
+         f"--max_pixels={128 * 128}", f"--video={os.path.join(REPO, 'data', 'video', 'bikes.mp4')}"]
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   env.pop("XLA_FLAGS", None)
   proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env, cwd=REPO)

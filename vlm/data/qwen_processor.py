@@ -110,7 +110,7 @@ class QwenProcessorConfig:
     for name in ("patch_size", "temporal_patch_size", "merge_size", "min_pixels", "max_pixels",
                  "video_min_pixels", "video_max_pixels", "min_frames", "max_frames"):
       value = getattr(self, name)
-      if not isinstance(value, (int, np.integer)) or value < 1:
+      if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
         raise ValueError(f"QwenProcessorConfig.{name} must be a positive int, got {value!r}")
     if self.min_pixels > self.max_pixels or self.video_min_pixels > self.video_max_pixels:
       raise ValueError("QwenProcessorConfig: min pixel budgets must be <= max budgets, got "
@@ -129,7 +129,8 @@ class QwenProcessorConfig:
       raise ValueError(f"frame_sampling must be 'qwen3' (Qwen3-VL) or 'qwen2_vl' (Qwen2-VL / "
                        f"Qwen2.5-VL), got {self.frame_sampling!r}")
     if self.fps is not None and not (isinstance(self.fps, (int, float, np.number))
-                                     and self.fps > 0):
+                                     and not isinstance(self.fps, bool)
+                                     and np.isfinite(self.fps) and self.fps > 0):
       raise ValueError(f"fps must be > 0 (or None with frame_sampling='qwen2_vl'), "
                        f"got {self.fps!r}")
     if self.num_frames is not None and not (isinstance(self.num_frames, (int, np.integer))
@@ -540,7 +541,8 @@ def sample_frame_indices_qwen2_vl(total_frames: int, video_fps: float | None = N
     raise ValueError(f"the video can't be sampled: the frame count rounds down to 0 (multiples "
                      f"of temporal_patch_size={tp}; total_frames={total_frames}, "
                      f"max_frames={max_frames}, num_frames={num_frames}); a clip needs at least "
-                     f"{tp} frames and num_frames >= {tp / 2}")
+                     f"{tp} frames, and num_frames must round (Python round) to a positive "
+                     f"multiple of {tp}")
   indices = _torch_arange_float32_int(total_frames, count)
   return indices[indices < total_frames]
 
@@ -586,7 +588,8 @@ def load_video(path: str, fps: float | None = 2.0, min_frames: int = 4, max_fram
     ``(frames uint8 [F, H, W, 3], timestamps float64 [F] seconds)``, ``F % Tp == 0``.
 
   Raises:
-    ValueError: if the file does not exist, has no video stream, or has no decodable frames; on an
+    ValueError: if the file does not exist, is not a decodable video (FFmpeg's error is
+      chained), has no video stream, or has no decodable frames; on an
       unknown ``frame_sampling``, ``"qwen3"`` without ``fps`` or with ``num_frames``; or when the
       sampling function rejects the request (e.g. ``num_frames`` above the frame count).
   """
@@ -608,16 +611,19 @@ def load_video(path: str, fps: float | None = 2.0, min_frames: int = 4, max_fram
   resolved = resolve_path(path)
   if not os.path.isfile(resolved):
     raise ValueError(f"video file not found: {path!r} (resolved to {resolved!r})")
-  with av.open(resolved) as container:
-    if not container.streams.video:
-      raise ValueError(f"{path!r} has no video stream")
-    stream = container.streams.video[0]
-    total = int(stream.frames or 0)
-    video_fps = float(stream.average_rate) if stream.average_rate else 24.0
-  if total < 1:
-    _, total = _decode_frames(resolved, set())
-  indices = pick(total, video_fps)
-  kept, decoded = _decode_frames(resolved, set(indices.tolist()))
+  try:
+    with av.open(resolved) as container:
+      if not container.streams.video:
+        raise ValueError(f"{path!r} has no video stream")
+      stream = container.streams.video[0]
+      total = int(stream.frames or 0)
+      video_fps = float(stream.average_rate) if stream.average_rate else 24.0
+    if total < 1:
+      _, total = _decode_frames(resolved, set())
+    indices = pick(total, video_fps)
+    kept, decoded = _decode_frames(resolved, set(indices.tolist()))
+  except av.error.FFmpegError as e:  # not a video, truncated, unsupported codec
+    raise ValueError(f"could not decode {path!r} as a video: {e}") from e
   if decoded < total:
     if decoded < 1:
       raise ValueError(f"no frames could be decoded from {path!r}")
@@ -1001,7 +1007,9 @@ class Qwen3VLProcessor:
       out.update(self._extra_video_outputs(clips))
     if text is None:
       return out
-    texts = [text] if isinstance(text, str) else list(text)
+    texts = [text] if isinstance(text, str) else text
+    if not isinstance(texts, (list, tuple)) or not all(isinstance(t, str) for t in texts):
+      raise ValueError(f"text must be a string or a list of strings, got {type(text).__name__}")
     stamps = self._video_text_info(clips, video_grids) if (clips and cfg.video_timestamps) else None
     expanded = []
     used_i = used_v = 0

@@ -82,13 +82,35 @@ def filter_top_p(logits, top_p: float):
   return jnp.where(keep, logits, -jnp.inf)
 
 
-def sample_tokens(logits, rng, temperature: float, top_p: float):
-  """float [B, V] -> int32 [B]: argmax when ``temperature == 0``, else
-  ``categorical(filter_top_p(logits / temperature, top_p))``."""
+def filter_top_k(logits, top_k: int):
+  """Top-k filter (HF ``TopKLogitsWarper``): tokens scoring below the k-th largest logit get
+  ``-inf`` (ties with it are kept). ``top_k <= 0`` or ``>= V`` is off. float [B, V] -> [B, V]."""
+  if top_k <= 0 or top_k >= logits.shape[-1]:
+    return logits
+  kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
+  return jnp.where(logits < kth, -jnp.inf, logits)
+
+
+def apply_repetition_penalty(logits, seen, penalty: float):
+  """HF ``RepetitionPenaltyLogitsProcessor`` (CTRL, Keskar et al. 2019, section 4.1): the logit of
+  every token already in the sequence is divided by ``penalty`` when positive and multiplied by
+  it when negative. logits float [B, V]; seen bool [B, V]. ``penalty == 1`` is off."""
+  if penalty == 1.0:
+    return logits
+  penalised = jnp.where(logits < 0, logits * penalty, logits / penalty)
+  return jnp.where(seen, penalised, logits)
+
+
+def sample_tokens(logits, rng, temperature: float, top_p: float, top_k: int = 0):
+  """float [B, V] -> int32 [B]: argmax when ``temperature == 0``, else a draw from
+  ``softmax(filter_top_p(filter_top_k(logits / temperature, top_k), top_p))`` (HF's warper order:
+  temperature, top-k, top-p)."""
   logits = jnp.asarray(logits, jnp.float32)
   if temperature == 0.0:
     return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-  filtered = filter_top_p(logits / temperature, top_p)
+  # shift by the max first: a tiny temperature then tends to greedy instead of overflowing
+  scaled = (logits - jnp.max(logits, axis=-1, keepdims=True)) / temperature
+  filtered = filter_top_p(filter_top_k(scaled, top_k), top_p)
   return jax.random.categorical(rng, filtered, axis=-1).astype(jnp.int32)
 
 
@@ -104,12 +126,13 @@ class GenerateFns(NamedTuple):
   """The two jitted device functions of :func:`generate` for one model and sampling setting.
 
   ``prefill(params, input_ids, position_ids, attention_mask, pixel_values, vision_tables,
-  visual_token_index, kv_cache, rng) -> (first_token int32 [B], kv_cache)``: the vision tower and
-  the whole prompt through the decoder into an empty cache; only the last position is projected to
-  the vocabulary.
+  visual_token_index, kv_cache, rng, seen) -> (first_token int32 [B], kv_cache)``: the vision
+  tower and the whole prompt through the decoder into an empty cache; only the last position is
+  projected to the vocabulary. ``seen`` is bool [B, V] (tokens already in each sequence, for the
+  repetition penalty) or None when the penalty is off.
 
   ``decode(params, first_token, kv_cache, rope_deltas, prompt_len, max_new_tokens, eos, rng,
-  done) -> (tokens int32 [B, N], steps int32 [])``: the decode loop as one ``lax.while_loop`` on
+  done, seen) -> (tokens int32 [B, N], steps int32 [])``: the decode loop as one ``lax.while_loop`` on
   the device (no host round trip per token). ``rope_deltas`` int32 [B, 1]; ``prompt_len`` (static
   int) is the prompt bucket; ``N = T - prompt_len`` is the output width (cache slots ``T`` minus
   the prompt); ``max_new_tokens`` (int32 scalar, <= N), ``eos`` (int32 [S]) and ``done`` (bool
@@ -125,10 +148,14 @@ class GenerateFns(NamedTuple):
 _COMPILED: dict = {}
 
 
-def compiled(model, temperature: float, top_p: float, pad_token_id: int) -> GenerateFns:
+def compiled(model, temperature: float, top_p: float, pad_token_id: int, top_k: int = 0,
+             repetition_penalty: float = 1.0) -> GenerateFns:
   """:class:`GenerateFns` jitted for one model / sampling setting, cached so that repeated
   :func:`generate` calls reuse the compilations (one per prompt, batch and new-token bucket)."""
-  key = (id(model), temperature, top_p, pad_token_id)
+  key = (id(model), temperature, top_p, pad_token_id, top_k, repetition_penalty)
+  pick = lambda logits, seen, rng: sample_tokens(
+      apply_repetition_penalty(jnp.asarray(logits, jnp.float32), seen, repetition_penalty), rng,
+      temperature, top_p, top_k)
   if key in _COMPILED and _COMPILED[key][0] is model:
     return _COMPILED[key][1]
 
@@ -138,14 +165,15 @@ def compiled(model, temperature: float, top_p: float, pad_token_id: int) -> Gene
       args = (args[0][:, -1:],) + tuple(args[1:])
     return next_fun(*args, **kwargs)
 
-  def prefill(params, ids, pos, mask, pixels, tables, index, cache, rng):
+  def prefill(params, ids, pos, mask, pixels, tables, index, cache, rng, seen):
     with nn.intercept_methods(last_only):
       logits, cache = model.apply({"params": params}, ids, pos, mask, pixels, tables, index,
                                   cache, 0)
-    return sample_tokens(logits[:, -1], rng, temperature, top_p), cache
+    return pick(logits[:, -1], seen, rng), cache
 
-  def decode(params, first, cache, deltas, prompt_len, max_new, eos, rng, done):
+  def decode(params, first, cache, deltas, prompt_len, max_new, eos, rng, done, seen):
     b = first.shape[0]
+    rows = jnp.arange(b)
     n = cache["mask"].shape[1] - prompt_len  # static: an int, part of the compile key
     is_eos = lambda t: (t[:, None] == eos[None, :]).any(-1)
     out = jnp.full((b, n), pad_token_id, jnp.int32).at[:, 0].set(first)
@@ -153,23 +181,26 @@ def compiled(model, temperature: float, top_p: float, pad_token_id: int) -> Gene
     real = jnp.ones((b, 1), bool)
     start = jnp.asarray(prompt_len, jnp.int32)
 
+    mark = lambda seen, tok: None if seen is None else seen.at[rows, tok].set(True)
+    seen = mark(seen, first)
+
     def cond(carry):
-      i, _, _, done, _ = carry
+      i, _, _, done, _, _ = carry
       return (i < max_new) & ~done.all()
 
     def body(carry):
-      i, cache, out, done, tok = carry
+      i, cache, out, done, tok, seen = carry
       index = start + i - 1  # slot of the token fed now (token i - 1)
       pos = jnp.broadcast_to((index + deltas)[None], (3, b, 1)).astype(jnp.int32)
       logits, cache = model.apply({"params": params}, tok[:, None], pos, real, kv_cache=cache,
                                   cache_index=index)
-      new = sample_tokens(logits[:, -1], jax.random.fold_in(rng, i), temperature, top_p)
+      new = pick(logits[:, -1], seen, jax.random.fold_in(rng, i))
       new = jnp.where(done, pad_token_id, new)
       out = jax.lax.dynamic_update_slice(out, new[:, None], (0, i))
-      return i + 1, cache, out, done | is_eos(new), new
+      return i + 1, cache, out, done | is_eos(new), new, mark(seen, new)
 
-    init = (jnp.asarray(1, jnp.int32), cache, out, done, first)
-    steps, _, out, _, _ = jax.lax.while_loop(cond, body, init)
+    init = (jnp.asarray(1, jnp.int32), cache, out, done, first, seen)
+    steps, _, out, _, _, _ = jax.lax.while_loop(cond, body, init)
     return out, steps - 1
 
   fns = GenerateFns(jax.jit(prefill, donate_argnums=(7,)),
@@ -197,16 +228,33 @@ def prepare_inputs(config, batch: Mapping[str, Any], *, pad_token_id: int,
     [3, B, Lp], ``rope_deltas`` int64 [B, 1], and when there are pixels ``pixel_values`` float32
     [Np, F], ``vision_tables`` (dict), ``visual_token_index`` int32 [B, Lp]; else those three None.
   Raises:
-    ValueError: missing keys, pixels without grids (or vice versa), placeholder counts that do not
-      match the grids, a patch bucket that is too small.
+    ValueError: missing keys, pixels without grids (or vice versa), pixel rows that do not match
+      the grids, placeholder counts that do not match the grids, a patch bucket that is too
+      small, empty rows, token ids outside the vocabulary.
   """
   if "input_ids" not in batch:
     raise ValueError("batch needs input_ids (and attention_mask): pass the processor output")
+  if not isinstance(prompt_bucket, (int, np.integer)) or prompt_bucket < 1:
+    raise ValueError(f"prompt_bucket must be a positive int, got {prompt_bucket!r}")
   ids = np.asarray(batch["input_ids"])
-  if ids.ndim != 2:
-    raise ValueError(f"input_ids must be int [B, L], got shape {ids.shape}")
-  mask = np.asarray(batch.get("attention_mask", np.ones_like(ids)))
-  lp = _round_up(int(mask.astype(bool).sum(1).max()), prompt_bucket)
+  if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer):
+    raise ValueError(f"input_ids must be int [B, L], got {ids.dtype} {ids.shape}")
+  mask = batch.get("attention_mask")
+  mask = np.ones_like(ids) if mask is None else np.asarray(mask)
+  if mask.shape != ids.shape:
+    raise ValueError(f"attention_mask {mask.shape} must have the shape of input_ids {ids.shape}")
+  real = mask.astype(bool)
+  empty = np.flatnonzero(real.sum(1) == 0) if ids.size else np.arange(ids.shape[0])
+  if ids.shape[0] == 0 or len(empty):
+    raise ValueError(f"every row needs at least one real token; rows {empty.tolist()} are empty "
+                     "(an empty prompt or an all-zero attention_mask row)")
+  v = config.text.vocab_size
+  bad = real & ((ids < 0) | (ids >= v))
+  if bad.any():
+    r, c = np.argwhere(bad)[0]
+    raise ValueError(f"input_ids[{r}, {c}] = {int(ids[r, c])} is outside the vocabulary "
+                     f"[0, {v}); tokenize with the model's tokenizer")
+  lp = _round_up(int(real.sum(1).max()), prompt_bucket)
   ids, mask = left_pad(ids, mask, lp, pad_token_id)
 
   grids, pixels = [], []
@@ -218,8 +266,14 @@ def prepare_inputs(config, batch: Mapping[str, Any], *, pad_token_id: int,
       raise ValueError(f"{px_key} and {grid_key} must be given together")
     if has_px:
       grid = np.asarray(batch[grid_key]).reshape(-1, 3)
+      px = np.asarray(batch[px_key], np.float32)
+      want = int(np.prod(grid, axis=1).sum())
+      if px.ndim != 2 or px.shape[0] != want:
+        raise ValueError(f"{px_key} must be [sum(t*h*w), C*Tp*P*P] = [{want}, ...] for "
+                         f"{grid_key} {grid.tolist()}, got {px.shape}; pass the processor's "
+                         "pixels and grids together, unmodified")
       grids.append(grid)
-      pixels.append(np.asarray(batch[px_key], np.float32))
+      pixels.append(px)
       if grid_key == "image_grid_thw":
         image_grid = grid
       else:
@@ -255,8 +309,8 @@ def prepare_inputs(config, batch: Mapping[str, Any], *, pad_token_id: int,
 
 def generate(model, params, batch: Mapping[str, Any], *, max_new_tokens: int,
              eos_token_ids: int | Sequence[int], pad_token_id: int, temperature: float = 0.0,
-             top_p: float = 1.0, rng=None, max_patches: int | None = None,
-             prompt_bucket: int = PROMPT_BUCKET,
+             top_p: float = 1.0, top_k: int = 0, repetition_penalty: float = 1.0, rng=None,
+             max_patches: int | None = None, prompt_bucket: int = PROMPT_BUCKET,
              new_token_bucket: int = NEW_TOKEN_BUCKET) -> np.ndarray:
   """Generates up to ``max_new_tokens`` tokens after each prompt of a batch.
 
@@ -269,6 +323,12 @@ def generate(model, params, batch: Mapping[str, Any], *, max_new_tokens: int,
     pad_token_id: written after a row's stop token (and used to pad the prompt).
     temperature: 0 = greedy; > 0 samples from ``softmax(logits / temperature)``.
     top_p: nucleus sampling mass (1.0 = off); only used when sampling.
+    top_k: keep the k most likely tokens before top-p (0 = off); only used when sampling.
+    repetition_penalty: HF's repetition penalty (1.0 = off; greedy too): tokens already in the
+      sequence, i.e. every id of ``batch["input_ids"]`` as given (padding included, as HF) and
+      every generated token, have their logits divided (positive) or multiplied (negative) by it.
+    The released Qwen3-VL Instruct defaults (``generation_config.json``) are temperature 0.7,
+    top_k 20, top_p 0.8, repetition_penalty 1.0: :func:`load_generation_config` reads them.
     rng: ``jax.random`` key, required when ``temperature > 0``.
     max_patches: packed vision bucket (see :func:`prepare_inputs`).
     prompt_bucket: prompt lengths are rounded up to a multiple of this (one compile per bucket).
@@ -278,26 +338,43 @@ def generate(model, params, batch: Mapping[str, Any], *, max_new_tokens: int,
   Returns:
     int64 numpy [B, max_new_tokens].
   Raises:
-    ValueError: bad sampling settings or inputs (see :func:`prepare_inputs`).
+    ValueError: bad sampling settings (non-finite temperature, top_p outside (0, 1], negative
+      top_k, non-positive repetition penalty, a missing or malformed rng when sampling), stop
+      ids that are not ints in the vocabulary, or bad inputs (see :func:`prepare_inputs`).
   """
-  if max_new_tokens < 1:
-    raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-  if temperature < 0:
-    raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+  if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
+    raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+  if not (np.isfinite(temperature) and temperature >= 0):
+    raise ValueError(f"temperature must be finite and >= 0 (0 = greedy), got {temperature}")
+  if not isinstance(pad_token_id, (int, np.integer)):
+    raise ValueError(f"pad_token_id must be an int token id, got {pad_token_id!r}")
   if not 0.0 < top_p <= 1.0:
     raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+  if top_k < 0:
+    raise ValueError(f"top_k must be >= 0 (0 = off), got {top_k}")
+  if not repetition_penalty > 0:
+    raise ValueError(f"repetition_penalty must be > 0 (1.0 = off), got {repetition_penalty}")
   if temperature > 0 and rng is None:
     raise ValueError("sampling (temperature > 0) needs rng=jax.random.PRNGKey(seed)")
   if rng is None:
     rng = jax.random.PRNGKey(0)
+  rng = jnp.asarray(rng) if not isinstance(rng, jax.Array) else rng
+  if not (jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key)
+          or (rng.dtype == jnp.uint32 and rng.shape == (2,))):
+    raise ValueError(f"rng must be a jax.random key (jax.random.PRNGKey(seed) or "
+                     f"jax.random.key(seed)), got {rng.dtype} {rng.shape}")
   if new_token_bucket < 1:
     raise ValueError(f"new_token_bucket must be >= 1, got {new_token_bucket}")
   if "params" in params and len(params) == 1:
     params = params["params"]
-  eos = np.asarray([eos_token_ids] if np.isscalar(eos_token_ids) else list(eos_token_ids),
-                   np.int32).reshape(-1)
-  if eos.size == 0:
-    raise ValueError("eos_token_ids is empty: pass at least one stop token id")
+  eos = np.asarray(eos_token_ids).reshape(-1) if eos_token_ids is not None else np.zeros(0)
+  if eos.size == 0 or not np.issubdtype(eos.dtype, np.integer):
+    raise ValueError(f"eos_token_ids must be one or more int token ids, got {eos_token_ids!r}")
+  if eos.min() < 0 or eos.max() >= model.config.text.vocab_size:
+    raise ValueError(f"eos_token_ids {eos.tolist()} must lie in the vocabulary "
+                     f"[0, {model.config.text.vocab_size})")
+  # padded with -1 (never sampled) to a multiple of 8: the number of stop ids is not a shape
+  eos = np.concatenate([eos, np.full(-len(eos) % 8, -1)]).astype(np.int32)
   config = model.config
   inp = prepare_inputs(config, batch, pad_token_id=pad_token_id, prompt_bucket=prompt_bucket,
                        max_patches=max_patches)
@@ -306,7 +383,17 @@ def generate(model, params, batch: Mapping[str, Any], *, max_new_tokens: int,
   rows = np.concatenate([np.arange(b), np.zeros(bb - b, np.int64)])  # filler rows copy row 0
   pick = lambda x: None if x is None else np.asarray(x)[rows]
   width = _round_up(max_new_tokens, new_token_bucket)
-  fns = compiled(model, float(temperature), float(top_p), int(pad_token_id))
+  fns = compiled(model, float(temperature), float(top_p), int(pad_token_id), int(top_k),
+                 float(repetition_penalty))
+  seen = None
+  if repetition_penalty != 1.0:
+    v = config.text.vocab_size
+    given = np.asarray(batch["input_ids"]).astype(np.int64)
+    if given.min() < 0 or given.max() >= v:
+      raise ValueError(f"input_ids hold ids outside the vocabulary [0, {v})")
+    seen = np.zeros((b, v), bool)
+    seen[np.arange(b)[:, None], given] = True
+    seen = jnp.asarray(seen[rows])
   cache = init_cache(config.text, bb, lp + width, model.dtype)
   rng_prefill, rng_decode = jax.random.split(rng)
   pixels = None if inp["pixel_values"] is None else jnp.asarray(inp["pixel_values"])
@@ -314,8 +401,47 @@ def generate(model, params, batch: Mapping[str, Any], *, max_new_tokens: int,
       params, jnp.asarray(pick(inp["input_ids"])),
       jnp.asarray(np.asarray(inp["position_ids"])[:, rows]),
       jnp.asarray(pick(inp["attention_mask"])), pixels, inp["vision_tables"],
-      pick(inp["visual_token_index"]), cache, rng_prefill)
+      pick(inp["visual_token_index"]), cache, rng_prefill, seen)
   out, _ = fns.decode(params, first, cache, jnp.asarray(pick(inp["rope_deltas"]), jnp.int32), lp,
                       jnp.asarray(max_new_tokens, jnp.int32), jnp.asarray(eos), rng_decode,
-                      jnp.asarray(np.arange(bb) >= b))
+                      jnp.asarray(np.arange(bb) >= b), seen)
   return np.asarray(out)[:b, :max_new_tokens].astype(np.int64)
+
+
+def load_generation_config(path: str) -> dict:
+  """Sampling defaults of a checkpoint directory's ``generation_config.json`` as
+  :func:`generate` keyword arguments (``temperature``, ``top_p``, ``top_k``,
+  ``repetition_penalty``, ``eos_token_ids``, ``pad_token_id``; only the keys the file sets).
+
+  ``do_sample: false`` (or absent, HF's default) gives ``temperature=0`` (greedy). Qwen3-VL
+  Instruct ships ``do_sample=true, temperature=0.7, top_k=20, top_p=0.8`` (spec 7.7). Returns
+  ``{}`` when the file does not exist.
+  Raises:
+    ValueError: a file that is not a JSON object.
+  """
+  import json
+  import os
+  file = os.path.join(os.fspath(path), "generation_config.json")
+  if not os.path.exists(file):
+    return {}
+  with open(file) as fh:
+    d = json.load(fh)
+  if not isinstance(d, dict):
+    raise ValueError(f"{file} must hold a JSON object")
+  out: dict[str, Any] = {}
+  if d.get("do_sample"):
+    for key in ("temperature", "top_p"):
+      if d.get(key) is not None:
+        out[key] = float(d[key])
+    if d.get("top_k") is not None:
+      out["top_k"] = int(d["top_k"])
+  else:
+    out["temperature"] = 0.0
+  if d.get("repetition_penalty") is not None:
+    out["repetition_penalty"] = float(d["repetition_penalty"])
+  eos = d.get("eos_token_id")
+  if eos is not None:
+    out["eos_token_ids"] = [int(eos)] if np.isscalar(eos) else [int(e) for e in eos]
+  if d.get("pad_token_id") is not None:
+    out["pad_token_id"] = int(d["pad_token_id"])
+  return out

@@ -10,11 +10,11 @@ from typing import Any
 
 from vlm.models import presets
 
-# name -> (module path, class name)
-REGISTRY: dict[str, tuple[str, str]] = {
-    "blip2_stage1": ("vlm.models.blip2", "Blip2Stage1"),
-    "qwen3_vl": ("vlm.models.qwen3_vl", "Qwen3VL"),        # also Qwen3-VL-MoE
-    "qwen2_5_vl": ("vlm.models.qwen3_vl", "Qwen2_5_VL"),
+# name -> (module path, class name, config class name the module accepts)
+REGISTRY: dict[str, tuple[str, str, str]] = {
+    "blip2_stage1": ("vlm.models.blip2", "Blip2Stage1", "Blip2Config"),
+    "qwen3_vl": ("vlm.models.qwen3_vl", "Qwen3VL", "Qwen3VLConfig"),  # also Qwen3-VL-MoE
+    "qwen2_5_vl": ("vlm.models.qwen3_vl", "Qwen2_5_VL", "Qwen2_5_VLConfig"),
 }
 
 
@@ -26,15 +26,26 @@ def get_class(name: str):
   """
   if name not in REGISTRY:
     raise KeyError(f"unknown model {name!r}; registered: {sorted(REGISTRY)}")
-  module, cls = REGISTRY[name]
+  module, cls, _ = REGISTRY[name]
   return getattr(importlib.import_module(module), cls)
 
 
 def build(name: str, preset: str, preset_overrides: dict | None = None, **module_kwargs: Any):
   """Instantiates model ``name`` with preset config ``preset`` (top-level fields replaced by
-  ``preset_overrides``) and module fields such as ``dtype``, ``param_dtype``."""
+  ``preset_overrides``) and module fields such as ``dtype``, ``param_dtype``.
+
+  Raises:
+    KeyError: unknown model or preset name.
+    ValueError: a preset of another family (e.g. a BLIP-2 preset for ``qwen3_vl``, or a Qwen3-VL
+      preset for ``qwen2_5_vl``).
+  """
   config = presets.get_preset(preset, **(preset_overrides or {}))
-  return get_class(name)(config=config, **module_kwargs)
+  cls = get_class(name)
+  want = REGISTRY[name][2]
+  if type(config).__name__ != want:
+    raise ValueError(f"model {name!r} takes a {want} preset, but {preset!r} is a "
+                     f"{type(config).__name__}; pick a preset of that family")
+  return cls(config=config, **module_kwargs)
 
 
 def vision_model(config: presets.Blip2VisionConfig, **kwargs):

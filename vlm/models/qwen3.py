@@ -101,6 +101,16 @@ class Qwen3TextConfig:
   moe_implementation: str = "auto"
 
   def __post_init__(self):
+    for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                 "num_attention_heads", "num_key_value_heads"):
+      if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+        raise ValueError(f"{name} must be a positive int, got {getattr(self, name)!r}")
+    for name in ("rope_theta", "rms_norm_eps"):
+      if not getattr(self, name) > 0:
+        raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
+    if self.num_experts and self.moe_intermediate_size < 1:
+      raise ValueError(f"moe_intermediate_size must be >= 1 with num_experts > 0, got "
+                       f"{self.moe_intermediate_size}")
     if self.head_dim is None:
       if self.hidden_size % self.num_attention_heads:
         raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_attention_heads "
@@ -239,13 +249,16 @@ def cached_attention(q, k_new, v_new, k_cache, v_cache, mask_cache, mask_new, sc
   b, l, h, hd = q.shape
   kvh = k_new.shape[2]
   q = jnp.asarray(q, dtype).reshape(b, l, kvh, h // kvh, hd)
-  s_cache = jnp.einsum("blgrd,bgtd->bgrlt", q, jnp.asarray(k_cache, dtype),
-                       preferred_element_type=jnp.float32)
+  neg = jnp.finfo(jnp.float32).min
   s_new = jnp.einsum("blgrd,bmgd->bgrlm", q, jnp.asarray(k_new, dtype),
                      preferred_element_type=jnp.float32)
-  neg = jnp.finfo(jnp.float32).min
-  s_cache = jnp.where(mask_cache[:, :, None], s_cache * scale, neg)
   s_new = jnp.where(mask_new[:, :, None], s_new * scale, neg)
+  if mask_cache is None:  # empty cache (prefill): attention among the new tokens only
+    p = jax.nn.softmax(s_new, axis=-1).astype(dtype)
+    return jnp.einsum("bgrlm,bmgd->blgrd", p, jnp.asarray(v_new, dtype)).reshape(b, l, h, hd)
+  s_cache = jnp.einsum("blgrd,bgtd->bgrlt", q, jnp.asarray(k_cache, dtype),
+                       preferred_element_type=jnp.float32)
+  s_cache = jnp.where(mask_cache[:, :, None], s_cache * scale, neg)
   t = s_cache.shape[-1]
   p = jax.nn.softmax(jnp.concatenate([s_cache, s_new], axis=-1), axis=-1).astype(dtype)
   o = (jnp.einsum("bgrlt,bgtd->blgrd", p[..., :t], jnp.asarray(v_cache, dtype))
@@ -506,7 +519,8 @@ class Qwen3Model(nn.Module):
     visual_mask: bool [B, L] or None; restricts the DeepStack addition to visual positions.
     kv_cache: None or the dict of :func:`init_cache`; the new tokens are written at slots
       ``cache_index .. cache_index + L - 1`` and attend to every valid slot up to their own.
-    cache_index: int scalar (same for the whole batch), required with ``kv_cache``.
+    cache_index: int scalar (same for the whole batch), required with ``kv_cache``. A Python
+      ``0`` (static) means "prefill into an empty cache": the old slots are not read at all.
     deterministic: disables attention dropout.
   Returns:
     (hidden [B, L, D] after the final norm, new kv_cache dict or None).
@@ -589,8 +603,13 @@ class Qwen3Model(nn.Module):
       if kv_cache["k"].shape[:2] != expected or kv_cache["mask"].shape[0] != batch:
         raise ValueError(f"kv_cache k must be [NL, B, kvH, T, hd] with NL, B = {expected}, got "
                          f"{kv_cache['k'].shape}; build it with init_cache")
+      if isinstance(cache_index, int) and cache_index == 0:
+        # a static 0 means an empty cache (prefill): skip the T empty slots entirely (masking
+        # them would also hand XLA a constant all-False mask to fold at compile time)
+        mask = (None, _build_mask(attention_mask, batch, length))
+      else:
+        mask = _build_cache_masks(attention_mask, kv_cache["mask"], cache_index)
       cache_index = jnp.asarray(cache_index, jnp.int32)
-      mask = _build_cache_masks(attention_mask, kv_cache["mask"], cache_index)
       new_cache_mask = jax.lax.dynamic_update_slice(kv_cache["mask"], attention_mask,
                                                     (0, cache_index))
       ck, cv = kv_cache["k"], kv_cache["v"]
