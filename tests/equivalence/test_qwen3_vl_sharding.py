@@ -1,4 +1,5 @@
-"""Qwen3-VL (dense and MoE) forward on 8 simulated devices equals the single-device forward.
+"""Qwen3-VL (dense and MoE) forward and greedy generation on 8 simulated devices equal the
+single-device ones.
 
 Parameters are placed by their logical axis names through the default rules (embed -> fsdp,
 heads/mlp/vocab -> tensor, expert -> expert); the batch splits over (data, fsdp).
@@ -11,6 +12,7 @@ import pytest
 
 from tests.equivalence.test_qwen3_vl import GRIDS, IMG, VGRIDS, VID, VS, _hf_model, _inputs
 from vlm.convert.hf_qwen3_vl import load_hf_qwen3_vl
+from vlm.inference.generate import generate
 from vlm.models.qwen3_vl import Qwen3VL, visual_token_index
 from vlm.models.qwen_vit import vision_inputs
 from vlm.models.rope_index import qwen3_vl_get_rope_index
@@ -53,6 +55,15 @@ def test_sharded_forward_equals_single_device(tmp_path, moe, shape):
   spread = [s for s in jax.tree.leaves(jax.tree.map(lambda x: x.sharding, sharded))
             if not s.is_fully_replicated]
   assert spread, "no parameter was sharded"
+  # generation (prefill + on-device decode loop) with the sharded parameters: same greedy tokens
+  ids, mask, img_px, vid_px = _inputs()
+  batch = dict(input_ids=ids, attention_mask=mask, pixel_values=img_px, image_grid_thw=GRIDS,
+               pixel_values_videos=vid_px, video_grid_thw=VGRIDS)
+  kw = dict(max_new_tokens=6, eos_token_ids=[1], pad_token_id=0)
+  want_tokens = generate(model, params, batch, **kw)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    got_tokens = generate(model, sharded, batch, **kw)
+  np.testing.assert_array_equal(got_tokens, want_tokens)
   if moe:
     specs = [str(s.spec) for p, s in jax.tree_util.tree_flatten_with_path(
         jax.tree.map(lambda x: x.sharding, sharded))[0] if "experts" in jax.tree_util.keystr(p)]
