@@ -100,3 +100,18 @@ def test_gradients_scan_remat_equal_plain(name):
   scale = max(float(jnp.max(jnp.abs(x))) for x in jax.tree.leaves(g_plain))
   print(f"{name}: grad max abs diff {worst:.2e} (max |grad| {scale:.2e})")
   assert worst <= 1e-5 * max(1.0, scale)
+
+
+@pytest.mark.parametrize("name", ["qwen3_vl_8b", "qwen3_vl_30b_a3b", "qwen2_5_vl_7b"])
+def test_transformers5_rope_parameters_spelling(name):
+  """transformers 5 writes ``rope_parameters`` (theta inside) instead of ``rope_scaling`` +
+  ``rope_theta`` (spec section 12): both spellings give the same config; scaled types raise."""
+  import copy
+  from vlm.convert.hf_qwen3_vl import config_from_hf
+  d = copy.deepcopy(HF_CONFIGS[name])
+  text = d.get("text_config", d)
+  text["rope_parameters"] = dict(text.pop("rope_scaling"), rope_theta=text.pop("rope_theta"))
+  assert config_from_hf(d) == qwen_config(name)
+  text["rope_parameters"] = dict(text["rope_parameters"], rope_type="yarn", factor=4.0)
+  with pytest.raises(ValueError, match="'yarn'"):
+    config_from_hf(d)

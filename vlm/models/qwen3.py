@@ -156,15 +156,28 @@ class Qwen3TextConfig:
     """Builds a config from an HF text config dict (``PretrainedConfig.to_dict()``).
 
     ``model_type`` in ``qwen2*`` gives the Qwen2 attention (q/k/v bias, no o bias, no q/k norm);
-    anything else is read as Qwen3/Qwen3-MoE. Unknown keys are ignored; ``rope_scaling``'s
-    ``mrope_section``/``mrope_interleaved`` are copied when present.
+    anything else is read as Qwen3/Qwen3-MoE. Unknown keys are ignored; ``rope_scaling``'s (or
+    transformers 5's ``rope_parameters``') ``mrope_section``/``mrope_interleaved`` (and
+    ``rope_theta``) are copied when present.
+
+    Raises:
+      ValueError: a scaled rope type (e.g. ``yarn``, ``linear``), which these decoders do not
+        apply; or invalid sizes (see the class).
     """
     d = dict(d)
     kw = {f.name: d[f.name] for f in dataclasses.fields(cls)
           if f.name in d and f.name != "moe_implementation"}  # vlm-only setting: keep default
     if d.get("model_type", "") in _QWEN2_MODEL_TYPES:
       kw.update(attention_bias=True, o_proj_bias=False, use_qk_norm=False)
-    rope = d.get("rope_scaling") or {}
+    # transformers 4.x: ``rope_scaling`` + top-level ``rope_theta``; 5.x: ``rope_parameters``
+    # holding both (spec section 12). Either spelling is read.
+    rope = dict(d.get("rope_parameters") or d.get("rope_scaling") or {})
+    if "rope_theta" not in d and rope.get("rope_theta") is not None:
+      kw["rope_theta"] = rope["rope_theta"]
+    kind = rope.get("rope_type", rope.get("type"))
+    if kind not in (None, "default", "mrope"):
+      raise ValueError(f"rope type {kind!r} (rope_scaling / rope_parameters) is not supported: "
+                       "vlm's Qwen decoders use unscaled (M)RoPE as the released checkpoints do")
     if "mrope_section" in rope:
       kw["mrope_section"] = tuple(rope["mrope_section"])
       kw.setdefault("mrope_interleaved", bool(rope.get("mrope_interleaved", False)))
