@@ -6,7 +6,7 @@ window-attention ViT), 10 (checkpoint keys) and 11 (numerics); HF ``transformers
 ``fast_pos_embed_interpolate``, ``rot_pos_emb``, ``Qwen3VLVisionPatchMerger``,
 ``Qwen3VLVisionBlock``) and ``models/qwen2_5_vl/modeling_qwen2_5_vl.py``
 (``Qwen2_5_VisionTransformerPretrainedModel``: ``get_window_index``, ``fullatt_block_indexes``,
-``Qwen2RMSNorm``, SwiGLU MLP, ``Qwen2_5_VLPatchMerger``).
+``Qwen2RMSNorm`` (``vlm.nn.layers.RMSNorm``), SwiGLU MLP, ``Qwen2_5_VLPatchMerger``).
 
 The work is split in two (architecture.md, "Fixed shapes for variable images"):
 
@@ -469,25 +469,6 @@ def _gather_units(x, index, unit: int):
   return jnp.take_along_axis(xu, idx, axis=1).reshape(x.shape)
 
 
-class Qwen2RMSNorm(nn.Module):
-  """RMSNorm with HF ``Qwen2RMSNorm`` rounding: normalise in float32, cast to ``dtype``, then
-  multiply by ``scale`` (spec 11 item 6). Param ``scale`` [features] (EMBED).
-
-  Shapes: [..., features] -> same, in ``dtype``.
-  """
-  epsilon: float = 1e-6
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x):
-    scale = self.param("scale", P.with_axes(nn.initializers.ones, (P.EMBED,)), (x.shape[-1],),
-                       self.param_dtype)
-    x32 = jnp.asarray(x, jnp.float32)
-    y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.epsilon)
-    return jnp.asarray(scale, self.dtype) * jnp.asarray(y, self.dtype)
-
-
 class VisionAttention(nn.Module):
   """Fused-qkv self-attention with 2-D RoPE and a segment mask (spec 3.5; HF
   ``Qwen3VLVisionAttention`` / ``Qwen2_5_VLVisionAttention``).
@@ -713,9 +694,9 @@ class Qwen2_5_VLVisionBlock(nn.Module):
   def __call__(self, x, cos, sin, mask):
     cfg = self.config
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    y = Qwen2RMSNorm(name="norm1", **kw)(x)
+    y = layers.RMSNorm(name="norm1", **kw)(x)
     x = x + VisionAttention(cfg.num_heads, name="attn", **kw)(y, cos, sin, mask)
-    y = Qwen2RMSNorm(name="norm2", **kw)(x)
+    y = layers.RMSNorm(name="norm2", **kw)(x)
     y = _Qwen2_5_VLVisionMlp(cfg, name="mlp", **kw)(y)
     return P.constrain(x + y, ACTIVATION_AXES)
 
@@ -754,7 +735,7 @@ class Qwen2_5_VLPatchMerger(nn.Module):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     b, n, d = x.shape
     unit = cfg.spatial_merge_size ** 2
-    x = Qwen2RMSNorm(name="ln_q", **kw)(x).reshape(b, n // unit, unit * d)
+    x = layers.RMSNorm(name="ln_q", **kw)(x).reshape(b, n // unit, unit * d)
     x = layers.Dense(unit * d, kernel_axes=(P.EMBED, P.MLP), name="mlp_0", **kw)(x)
     x = layers.gelu_exact(x)
     return layers.Dense(cfg.out_hidden_size, kernel_axes=(P.MLP, P.EMBED), name="mlp_2", **kw)(x)

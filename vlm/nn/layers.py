@@ -143,7 +143,13 @@ class LayerNorm(nn.Module):
 
 
 class RMSNorm(nn.Module):
-  """RMSNorm over the last axis (float32 statistics); param ``scale`` [features]."""
+  """RMSNorm over the last axis; param ``scale`` [features] (logical axis ``axis_name``).
+
+  Rounding as HF ``Qwen2RMSNorm`` / ``Qwen3RMSNorm`` (Qwen3-VL spec section 11 item 6):
+  normalise in float32, cast to ``dtype``, then multiply by ``scale`` in ``dtype``; multiplying
+  in float32 and casting once differs by about one ulp per element in bfloat16.
+  Shapes: [..., features] -> same, in ``dtype``.
+  """
   epsilon: float = 1e-6
   axis_name: str | None = P.EMBED
   dtype: Dtype = jnp.float32
@@ -155,4 +161,4 @@ class RMSNorm(nn.Module):
                        (x.shape[-1],), self.param_dtype)
     x32 = jnp.asarray(x, jnp.float32)
     y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.epsilon)
-    return jnp.asarray(y * jnp.asarray(scale, jnp.float32), self.dtype)
+    return jnp.asarray(scale, self.dtype) * jnp.asarray(y, self.dtype)
