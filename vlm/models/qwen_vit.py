@@ -494,10 +494,15 @@ class VisionAttention(nn.Module):
     return layers.Dense(d, kernel_axes=(P.HEADS, P.EMBED), name="proj", **kw)(out.reshape(b, l, d))
 
 
-class Qwen3VLVisionBlock(nn.Module):
-  """Pre-LN block (HF ``Qwen3VLVisionBlock``): LayerNorm eps 1e-6, attention, GELU-tanh MLP
-  ``linear_fc2(act(linear_fc1(x)))``. Shapes: [B, L, Dv] -> [B, L, Dv]."""
-  config: Qwen3VLVisionConfig
+class VisionBlock(nn.Module):
+  """Pre-norm vision block: ``x + attn(norm1(x))``, then ``+ mlp(norm2(x))`` (spec 3.5, 4.1).
+
+  The config's type picks the reference: :class:`Qwen3VLVisionConfig` gives HF
+  ``Qwen3VLVisionBlock`` (LayerNorm eps 1e-6, GELU-tanh MLP ``linear_fc2(act(linear_fc1(x)))``);
+  :class:`Qwen2_5_VLVisionConfig` gives HF ``Qwen2_5_VLVisionBlock`` (RMSNorm eps 1e-6, SwiGLU MLP
+  ``down_proj(act(gate_proj(x)) * up_proj(x))`` with biases). Shapes: [B, L, Dv] -> [B, L, Dv].
+  """
+  config: Qwen3VLVisionConfig | Qwen2_5_VLVisionConfig
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -505,10 +510,12 @@ class Qwen3VLVisionBlock(nn.Module):
   def __call__(self, x, cos, sin, mask):
     cfg = self.config
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    y = layers.LayerNorm(epsilon=1e-6, name="norm1", **kw)(x)
-    x = x + VisionAttention(cfg.num_heads, name="attn", **kw)(y, cos, sin, mask)
-    y = layers.LayerNorm(epsilon=1e-6, name="norm2", **kw)(x)
-    y = _Qwen3VLVisionMlp(cfg, name="mlp", **kw)(y)
+    if isinstance(cfg, Qwen2_5_VLVisionConfig):
+      norm, mlp = (lambda name: layers.RMSNorm(1e-6, name=name, **kw)), _Qwen2_5_VLVisionMlp
+    else:
+      norm, mlp = (lambda name: layers.LayerNorm(epsilon=1e-6, name=name, **kw)), _Qwen3VLVisionMlp
+    x = x + VisionAttention(cfg.num_heads, name="attn", **kw)(norm("norm1")(x), cos, sin, mask)
+    y = mlp(cfg, name="mlp", **kw)(norm("norm2")(x))
     return P.constrain(x + y, ACTIVATION_AXES)
 
 
@@ -666,7 +673,7 @@ class Qwen3VLVisionModel(nn.Module):
     mask = _segment_mask(seg)
     valid = (seg.reshape(b, n // unit, unit)[..., 0] > 0)[..., None]
 
-    block_cls = nn.remat(Qwen3VLVisionBlock) if self.remat else Qwen3VLVisionBlock
+    block_cls = nn.remat(VisionBlock) if self.remat else VisionBlock
     taps = {layer: k for k, layer in enumerate(cfg.deepstack_visual_indexes)}
     deepstack = [None] * len(taps)
     for i in range(cfg.depth):
@@ -681,24 +688,6 @@ class Qwen3VLVisionModel(nn.Module):
     if squeeze:
       return merged[0], [d[0] for d in deepstack]
     return merged, deepstack
-
-
-class Qwen2_5_VLVisionBlock(nn.Module):
-  """Pre-RMSNorm block (HF ``Qwen2_5_VLVisionBlock``): RMSNorm eps 1e-6, attention, SwiGLU MLP
-  ``down_proj(act(gate_proj(x)) * up_proj(x))`` with biases. Shapes: [B, L, Dv] -> [B, L, Dv]."""
-  config: Qwen2_5_VLVisionConfig
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x, cos, sin, mask):
-    cfg = self.config
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    y = layers.RMSNorm(name="norm1", **kw)(x)
-    x = x + VisionAttention(cfg.num_heads, name="attn", **kw)(y, cos, sin, mask)
-    y = layers.RMSNorm(name="norm2", **kw)(x)
-    y = _Qwen2_5_VLVisionMlp(cfg, name="mlp", **kw)(y)
-    return P.constrain(x + y, ACTIVATION_AXES)
 
 
 class _Qwen2_5_VLVisionMlp(nn.Module):
@@ -794,7 +783,7 @@ class Qwen2_5_VLVisionModel(nn.Module):
     full_mask = _segment_mask(seg)
     window_mask = _segment_mask(jnp.asarray(a["window_segment_ids"], jnp.int32))
 
-    block_cls = nn.remat(Qwen2_5_VLVisionBlock) if self.remat else Qwen2_5_VLVisionBlock
+    block_cls = nn.remat(VisionBlock) if self.remat else VisionBlock
     for i in range(cfg.depth):
       mask = full_mask if i in cfg.fullatt_block_indexes else window_mask
       x = block_cls(cfg, name=f"blocks_{i}", **kw)(x, cos, sin, mask)
