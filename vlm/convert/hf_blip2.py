@@ -21,20 +21,16 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from typing import Any, Mapping, Sequence
 
 import flax
 import jax
 import numpy as np
-from safetensors import safe_open
-from safetensors.numpy import save_file
 
 from vlm.convert.hf_blip2_vision import vision_from_hf, vision_to_hf
+from vlm.convert.safetensors_io import read_safetensors_dir, write_safetensors_dir
 from vlm.models.presets import Blip2Config, Blip2VisionConfig, QFormerConfig
 
-SAFE_WEIGHTS_NAME = "model.safetensors"
-SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
 CONFIG_NAME = "config.json"
 
 # Parameters of Blip2Stage1 that HF checkpoints do not have (spec section 2.9, last row).
@@ -219,82 +215,6 @@ def _format_keys(keys: Sequence[str], limit: int = 20) -> str:
 def _flat(params: Mapping[str, Any]) -> dict[tuple[str, ...], Any]:
   params = flax.core.meta.unbox(flax.core.unfreeze(params))
   return {tuple(k): v for k, v in flax.traverse_util.flatten_dict(params).items()}
-
-
-# ---------------------------------------------------------------------------------------------
-# safetensors I/O
-# ---------------------------------------------------------------------------------------------
-
-def read_safetensors_dir(path: str) -> dict[str, np.ndarray]:
-  """Reads ``model.safetensors`` or every shard named by ``model.safetensors.index.json``.
-
-  Raises:
-    FileNotFoundError: when neither file exists in ``path``.
-    ValueError: when the index names a missing shard.
-  """
-  single = os.path.join(path, SAFE_WEIGHTS_NAME)
-  index = os.path.join(path, SAFE_WEIGHTS_INDEX_NAME)
-  if os.path.exists(single):
-    files = [single]
-  elif os.path.exists(index):
-    with open(index) as fh:
-      weight_map = json.load(fh)["weight_map"]
-    files = [os.path.join(path, name) for name in sorted(set(weight_map.values()))]
-    absent = [f for f in files if not os.path.exists(f)]
-    if absent:
-      raise ValueError(f"{index} names shards that do not exist: {absent}")
-  else:
-    raise FileNotFoundError(f"no {SAFE_WEIGHTS_NAME} or {SAFE_WEIGHTS_INDEX_NAME} in {path}; "
-                            "save the HF model with save_pretrained(..., safe_serialization=True)")
-  state: dict[str, np.ndarray] = {}
-  for file in files:
-    with safe_open(file, framework="np") as fh:
-      for key in fh.keys():
-        state[key] = fh.get_tensor(key)
-  return state
-
-
-def _parse_size(size: int | str) -> int:
-  if isinstance(size, int):
-    return size
-  m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]i?B|B)?\s*", size, flags=re.IGNORECASE)
-  if not m:
-    raise ValueError(f"max_shard_size must be an int (bytes) or like '5GB'/'200MB', got {size!r}")
-  unit = (m.group(2) or "B").upper()
-  scale = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20,
-           "GIB": 2**30}[unit]
-  return int(float(m.group(1)) * scale)
-
-
-def write_safetensors_dir(state: Mapping[str, np.ndarray], path: str,
-                          max_shard_size: int | str | None = None) -> None:
-  """Writes ``state`` as ``model.safetensors`` or as HF-style shards + index (metadata pt)."""
-  os.makedirs(path, exist_ok=True)
-  state = {k: np.ascontiguousarray(v) for k, v in state.items()}
-  meta = {"format": "pt"}
-  if max_shard_size is None:
-    save_file(state, os.path.join(path, SAFE_WEIGHTS_NAME), metadata=meta)
-    return
-  limit = _parse_size(max_shard_size)
-  shards: list[dict[str, np.ndarray]] = [{}]
-  used = 0
-  for key in sorted(state):
-    nbytes = state[key].nbytes
-    if shards[-1] and used + nbytes > limit:
-      shards.append({})
-      used = 0
-    shards[-1][key] = state[key]
-    used += nbytes
-  n = len(shards)
-  weight_map = {}
-  for i, shard in enumerate(shards):
-    name = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
-    save_file(shard, os.path.join(path, name), metadata=meta)
-    weight_map.update({k: name for k in shard})
-  total = sum(v.nbytes for v in state.values())
-  with open(os.path.join(path, SAFE_WEIGHTS_INDEX_NAME), "w") as fh:
-    json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, fh, indent=2,
-              sort_keys=True)
 
 
 # ---------------------------------------------------------------------------------------------
