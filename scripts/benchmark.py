@@ -48,7 +48,6 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import sys
 import tempfile
 import time
@@ -58,9 +57,11 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-# Pause before each timed call: idle worker threads of the other library (XLA's Eigen pool, torch's
-# OpenMP pool) keep spinning for a while after a call and would steal the cores of the next one.
+from bench_common import cpu_model, timeit as _timeit, timeit_interleaved as _interleaved  # noqa: E402
+
+# Pause before each timed call (see bench_common.timeit_interleaved).
 SETTLE_S = 0.3
 PRESETS = ("blip2_small", "blip2_tiny", "blip2_micro")
 DEFAULT_BATCH = {"blip2_small": 8, "blip2_tiny": 16, "blip2_micro": 8}
@@ -94,54 +95,6 @@ def parse_args(argv=None):
   if args.iters < 1:
     p.error("--iters must be >= 1")
   return args
-
-
-def timeit(fn, iters: int, warmup: int, setup=None) -> dict:
-  """Median / all wall times (s) of ``fn()`` after ``warmup`` calls; ``setup()`` runs untimed."""
-  for _ in range(warmup):
-    if setup:
-      setup()
-    fn()
-  times = []
-  for _ in range(iters):
-    if setup:
-      setup()
-    time.sleep(SETTLE_S)
-    t0 = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - t0)
-  return {"median_s": statistics.median(times), "times_s": times}
-
-
-def _cpu_model() -> str:
-  try:
-    with open("/proc/cpuinfo") as fh:
-      for line in fh:
-        if line.startswith("model name"):
-          return line.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor() or platform.machine()
-
-
-def timeit_interleaved(fns: dict, iters: int, warmup: int) -> dict:
-  """Like :func:`timeit` for several ``name -> (fn, setup)``, alternating them every iteration so
-  that a change of machine load (shared CPUs) hits every contender alike."""
-  for _ in range(warmup):
-    for fn, setup in fns.values():
-      if setup:
-        setup()
-      fn()
-  times = {name: [] for name in fns}
-  for _ in range(iters):
-    for name, (fn, setup) in fns.items():
-      if setup:
-        setup()
-      time.sleep(SETTLE_S)
-      t0 = time.perf_counter()
-      fn()
-      times[name].append(time.perf_counter() - t0)
-  return {name: {"median_s": statistics.median(t), "times_s": t} for name, t in times.items()}
 
 
 def xla_flops(compiled) -> float | None:
@@ -196,7 +149,7 @@ def main(argv=None):
       "torch_num_interop_threads": torch.get_num_interop_threads(),
       "XLA_FLAGS": os.environ.get("XLA_FLAGS", ""),
       "jax_matmul_precision": str(jax.config.jax_default_matmul_precision),
-      "cpu": _cpu_model(),
+      "cpu": cpu_model(),
   }
   print("== environment")
   for k, v in env.items():
@@ -271,7 +224,7 @@ def main(argv=None):
   t_mask = torch.from_numpy(mask)
   temp = torch.nn.Parameter(torch.tensor(float(np.asarray(params_np["temp"]))))
 
-  def hf_api():
+  def hf_api(_=None):
     itm = hf(pixel_values=t_pix, input_ids=t_ids, attention_mask=t_mask,
              use_image_text_matching_head=True).logits_per_image
     sim = hf(pixel_values=t_pix, input_ids=t_ids, attention_mask=t_mask,
@@ -297,7 +250,7 @@ def main(argv=None):
     itm = hf.itm_head(h[:, :Q, :]).mean(dim=1)
     return image_feats, text_feat, itm
 
-  def hf_shared():
+  def hf_shared(_=None):
     image_feats, text_feat, itm = hf_parts(t_pix, t_ids, t_mask)
     sim = torch.matmul(image_feats, text_feat.t()).max(dim=1).values
     return sim, itm
@@ -321,7 +274,7 @@ def main(argv=None):
     hf.zero_grad(set_to_none=True)
     temp.grad = None
 
-  def hf_step():
+  def hf_step(_=None):
     loss = hf_loss()
     loss.backward()
     return loss
@@ -349,7 +302,7 @@ def main(argv=None):
     a = jax.random.normal(jax.random.PRNGKey(1), (n, n), dt)
     b = jax.random.normal(jax.random.PRNGKey(2), (n, n), dt)
     mm = jax.jit(jnp.dot).lower(a, b).compile()
-    tm = timeit(lambda: jax.block_until_ready(mm(a, b)), iters=max(3, args.iters), warmup=1)
+    tm = _timeit(lambda _: jax.block_until_ready(mm(a, b)), max(3, args.iters), 1, SETTLE_S)
     peak[dname] = 2 * n ** 3 / tm["median_s"]
     if dname == "float32":
       mm32, a32, b32 = mm, a, b
@@ -402,22 +355,22 @@ def main(argv=None):
     print(f"  {name:22s} {t['median_s'] * 1e3:9.1f} ms  "
           f"[{', '.join(f'{x * 1e3:.0f}' for x in t['times_s'])}]", flush=True)
 
-  vlm_fwd = lambda: jax.block_until_ready(fwd(params, x_pix, x_ids, x_mask))  # noqa: E731
-  vlm_step = lambda: jax.block_until_ready(  # noqa: E731
+  vlm_fwd = lambda _: jax.block_until_ready(fwd(params, x_pix, x_ids, x_mask))  # noqa: E731
+  vlm_step = lambda _: jax.block_until_ready(  # noqa: E731
       step(p_train, p_frozen, x_pix, x_ids, x_mask))
   with torch.no_grad():
-    for name, t in timeit_interleaved({"vlm/forward": (vlm_fwd, None),
-                                       "hf_shared/forward": (hf_shared, None)},
-                                      args.iters, args.warmup).items():
+    for name, t in _interleaved({"vlm/forward": (vlm_fwd, None),
+                                 "hf_shared/forward": (hf_shared, None)},
+                                args.iters, args.warmup, SETTLE_S).items():
       record(name, t)
     if "hf_api" not in skip:
-      record("hf_api/forward", timeit(hf_api, args.iters, args.warmup))
+      record("hf_api/forward", _timeit(hf_api, args.iters, args.warmup, SETTLE_S))
   if "train_step" not in skip:
-    for name, t in timeit_interleaved({"vlm/train_step": (vlm_step, None),
-                                       "hf/train_step": (hf_step, hf_zero)},
-                                      args.iters, args.warmup).items():
+    for name, t in _interleaved({"vlm/train_step": (vlm_step, None),
+                                 "hf/train_step": (hf_step, hf_zero)},
+                                args.iters, args.warmup, SETTLE_S).items():
       record(name, t)
-  tm = timeit(lambda: jax.block_until_ready(mm32(a32, b32)), iters=3, warmup=0)
+  tm = _timeit(lambda _: jax.block_until_ready(mm32(a32, b32)), 3, 0, SETTLE_S)
   peak_after = 2 * n ** 3 / tm["median_s"]
   print(f"== matmul peak float32 again after timing: {peak_after / 1e9:.1f} GFLOP/s")
   results["matmul_peak_flops_after"] = peak_after
