@@ -13,7 +13,8 @@ What it does, in one process with one config:
 1. Builds a random ``Qwen3VLForConditionalGeneration`` (text: ``--hidden_size`` x ``--layers``,
    ``--heads`` heads, ``--kv_heads`` KV heads, head_dim ``--head_dim``, vocab ``--vocab``,
    interleaved MRoPE; vision: a tiny 2-layer ViT, patch 8, merge 2, deepstack on both layers),
-   weights N(0, 1/fan_in) (norms 1 + 0.1 N) so greedy decoding is well conditioned, saves it with
+   weights N(0, 1/fan_in) (norms 1 + 0.1 N; ``tests/equivalence/qwen_hf_utils.randomize_hf``) so
+   greedy decoding is well conditioned, saves it with
    ``save_pretrained`` to a temp dir and reads it back with
    :func:`vlm.convert.hf_qwen3_vl.load_hf_qwen3_vl` (what :func:`vlm.load_pretrained` uses): both
    sides hold the same weights.
@@ -46,7 +47,6 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import sys
 import tempfile
 import time
@@ -56,6 +56,9 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from bench_common import cpu_model, timeit_interleaved  # noqa: E402
 
 # Pause before each timed call so that idle worker threads of the other library stop spinning.
 SETTLE_S = 0.2
@@ -100,50 +103,6 @@ def parse_args(argv=None):
   return args
 
 
-def _cpu_model() -> str:
-  try:
-    with open("/proc/cpuinfo") as fh:
-      for line in fh:
-        if line.startswith("model name"):
-          return line.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor() or platform.machine()
-
-
-def timeit_interleaved(fns: dict, iters: int, warmup: int) -> dict:
-  """``name -> (fn, setup)``: median / all wall times (s) of ``fn(setup())``, alternating the
-  contenders every iteration; ``setup`` (may be None) runs untimed."""
-  for _ in range(warmup):
-    for fn, setup in fns.values():
-      fn(setup() if setup else None)
-  times = {name: [] for name in fns}
-  for _ in range(iters):
-    for name, (fn, setup) in fns.items():
-      state = setup() if setup else None
-      time.sleep(SETTLE_S)
-      t0 = time.perf_counter()
-      fn(state)
-      times[name].append(time.perf_counter() - t0)
-  return {name: {"median_s": statistics.median(t), "times_s": t} for name, t in times.items()}
-
-
-def _randomize(model, seed):
-  """N(0, 1/fan_in) matrices, norm weights 1 + 0.1 N, biases 0.1 N (well conditioned)."""
-  import numpy as np
-  import torch
-  g = torch.Generator().manual_seed(seed)
-  with torch.no_grad():
-    for name, p in model.named_parameters():
-      if p.ndim == 1 and "norm" in name:
-        p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=g))
-      elif p.ndim == 1:
-        p.copy_(0.1 * torch.randn(p.shape, generator=g))
-      else:
-        p.copy_(torch.randn(p.shape, generator=g) / np.sqrt(int(np.prod(p.shape[1:]))))
-  return model.eval()
-
-
 def main(argv=None):
   args = parse_args(argv)
 
@@ -155,6 +114,7 @@ def main(argv=None):
   import transformers
   from transformers import Qwen3VLConfig as HFConfig, Qwen3VLForConditionalGeneration
 
+  from tests.equivalence.qwen_hf_utils import randomize_hf
   from vlm.convert.hf_qwen3_vl import load_hf_qwen3_vl
   from vlm.inference.generate import compiled, generate, prepare_inputs
   from vlm.models.qwen3 import init_cache
@@ -177,7 +137,7 @@ def main(argv=None):
       "torch_num_interop_threads": torch.get_num_interop_threads(),
       "XLA_FLAGS": os.environ.get("XLA_FLAGS", ""),
       "jax_matmul_precision": str(jax.config.jax_default_matmul_precision),
-      "cpu": _cpu_model(),
+      "cpu": cpu_model(),
   }
   print("== environment")
   for k, v in env.items():
@@ -204,7 +164,7 @@ def main(argv=None):
   cfg = HFConfig(vision_config=vision, text_config=text, image_token_id=IMG, video_token_id=VID,
                  vision_start_token_id=VS, vision_end_token_id=VE)
   cfg._attn_implementation = args.attn
-  hf = _randomize(Qwen3VLForConditionalGeneration(cfg), args.seed + 1)
+  hf = randomize_hf(Qwen3VLForConditionalGeneration(cfg), args.seed + 1)
   with tempfile.TemporaryDirectory() as tmp:
     hf.save_pretrained(tmp, safe_serialization=True)
     config, params_np = load_hf_qwen3_vl(tmp)
@@ -320,12 +280,12 @@ def main(argv=None):
 
   for name, tm in timeit_interleaved({"vlm/prefill": (vlm_prefill, new_cache),
                                       "hf/prefill": (hf_prefill, None)},
-                                     args.iters, args.warmup).items():
+                                     args.iters, args.warmup, SETTLE_S).items():
     record(name, tm)
   for name, tm in timeit_interleaved({"vlm/decode": (vlm_decode, vlm_after_prefill),
                                       "hf/generate": (hf_generate, None),
                                       "vlm/generate": (vlm_generate, None)},
-                                     args.iters, args.warmup).items():
+                                     args.iters, args.warmup, SETTLE_S).items():
     record(name, tm)
   hf_decode = timings["hf/generate"]["median_s"] - timings["hf/prefill"]["median_s"]
 

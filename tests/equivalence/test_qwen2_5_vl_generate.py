@@ -7,25 +7,12 @@ import torch
 from transformers import Qwen2_5_VLConfig as HF25Config, Qwen2_5_VLForConditionalGeneration
 
 import vlm
+from tests.equivalence.qwen_hf_utils import randomize_hf
 from vlm.inference.generate import generate
 from vlm.models.qwen3_vl import Qwen2_5_VL
 
 IMG, VID, VS, VE, PAD, EOS = 250, 251, 252, 253, 0, 254
 NEW = 12
-
-
-def _randomize(model, seed):
-  """N(0, 1/fan_in) matrices, norm weights 1 + 0.1 N, biases 0.1 N (well conditioned)."""
-  g = torch.Generator().manual_seed(seed)
-  with torch.no_grad():
-    for name, p in model.named_parameters():
-      if p.ndim == 1 and "norm" in name:
-        p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=g))
-      elif p.ndim == 1:
-        p.copy_(0.1 * torch.randn(p.shape, generator=g))
-      else:
-        p.copy_(torch.randn(p.shape, generator=g) / np.sqrt(int(np.prod(p.shape[1:]))))
-  return model.eval()
 
 
 def test_qwen2_5_vl_greedy_matches_hf(tmp_path):
@@ -40,7 +27,7 @@ def test_qwen2_5_vl_greedy_matches_hf(tmp_path):
   cfg = HF25Config(vision_config=vision, text_config=text, image_token_id=IMG,
                    video_token_id=VID, vision_start_token_id=VS, vision_end_token_id=VE)
   cfg._attn_implementation = "eager"
-  hf = _randomize(Qwen2_5_VLForConditionalGeneration(cfg), 3)
+  hf = randomize_hf(Qwen2_5_VLForConditionalGeneration(cfg), 3)
   hf.save_pretrained(tmp_path, safe_serialization=True)
 
   rng = np.random.RandomState(1)

@@ -18,6 +18,7 @@ from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 
 from tests.equivalence import test_qwen3_text as T
 from tests.equivalence import test_qwen3_vl as V
+from tests.equivalence.qwen_hf_utils import randomize_hf
 from vlm.convert.hf_qwen3_vl import load_hf_qwen3_vl
 from vlm.models import qwen3 as Q
 from vlm.models.qwen3_vl import Qwen3VL, visual_token_index
@@ -33,7 +34,7 @@ def test_qwen3_moe_routed_logits(norm_topk_prob, mlp_only_layers, impl):
                           moe_intermediate_size=32, norm_topk_prob=norm_topk_prob,
                           decoder_sparse_step=1, mlp_only_layers=mlp_only_layers,
                           tie_word_embeddings=True)
-  hf = T._randomize(Qwen3MoeForCausalLM(hf_cfg), 1)
+  hf = randomize_hf(Qwen3MoeForCausalLM(hf_cfg), 1)
   cfg = Q.Qwen3TextConfig.from_hf_dict(hf.config.to_dict())
   assert cfg.moe_implementation == "auto"
   cfg = dataclasses.replace(cfg, moe_implementation=impl)

@@ -18,6 +18,7 @@ from transformers import (Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCa
 from transformers.models.qwen3_vl.configuration_qwen3_vl import Qwen3VLTextConfig
 from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLTextModel
 
+from tests.equivalence.qwen_hf_utils import randomize_hf
 from vlm.models import qwen3 as Q
 
 TOL = 1e-5
@@ -30,21 +31,6 @@ COMMON = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_l
 
 # ------------------------------------------------------------------------------------------------
 # Helpers.
-
-
-def _randomize(model, seed):
-  """Well-conditioned random weights: N(0, 1/fan_in) matrices, norms ~ 1 + 0.1 N, biases 0.1 N."""
-  g = torch.Generator().manual_seed(seed)
-  with torch.no_grad():
-    for name, p in model.named_parameters():
-      if p.ndim == 1 and "norm" in name:
-        p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=g))
-      elif p.ndim == 1:
-        p.copy_(0.1 * torch.randn(p.shape, generator=g))
-      else:
-        fan_in = p.shape[-2] if name.endswith(("gate_up_proj", "experts.down_proj")) else p.shape[-1]
-        p.copy_(torch.randn(p.shape, generator=g) / np.sqrt(fan_in))
-  return model.eval()
 
 
 def hf_to_vlm(state_dict, num_experts=0, tied=False):
@@ -143,7 +129,7 @@ def _max_err(a, b, mask):
 @pytest.fixture(scope="module")
 def dense():
   torch.manual_seed(0)
-  hf = _randomize(Qwen3ForCausalLM(Qwen3Config(**COMMON, tie_word_embeddings=False)), 0)
+  hf = randomize_hf(Qwen3ForCausalLM(Qwen3Config(**COMMON, tie_word_embeddings=False)), 0)
   cfg = Q.Qwen3TextConfig.from_hf_dict(hf.config.to_dict())
   params = hf_to_vlm(hf.state_dict())
   inv_freq = hf.model.rotary_emb.inv_freq.numpy()
@@ -251,7 +237,7 @@ def test_moe_logits(norm_topk_prob, mlp_only_layers):
   hf_cfg = Qwen3MoeConfig(**COMMON, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
                           norm_topk_prob=norm_topk_prob, decoder_sparse_step=1,
                           mlp_only_layers=mlp_only_layers, tie_word_embeddings=True)
-  hf = _randomize(Qwen3MoeForCausalLM(hf_cfg), 1)
+  hf = randomize_hf(Qwen3MoeForCausalLM(hf_cfg), 1)
   cfg = Q.Qwen3TextConfig.from_hf_dict(hf.config.to_dict())
   assert cfg.norm_topk_prob == norm_topk_prob and cfg.tie_word_embeddings
   assert Q.layer_kinds(cfg) == ["moe", "dense" if mlp_only_layers else "moe"]
@@ -273,7 +259,7 @@ def test_moe_logits(norm_topk_prob, mlp_only_layers):
 
 def test_qwen2_logits():
   torch.manual_seed(0)
-  hf = _randomize(Qwen2ForCausalLM(Qwen2Config(**COMMON, tie_word_embeddings=False)), 2)
+  hf = randomize_hf(Qwen2ForCausalLM(Qwen2Config(**COMMON, tie_word_embeddings=False)), 2)
   cfg = Q.Qwen3TextConfig.from_hf_dict(hf.config.to_dict())
   params = hf_to_vlm(hf.state_dict())
   attn = params["model"]["layers_0"]["self_attn"]
@@ -295,7 +281,7 @@ def test_deepstack_matches_qwen3vl_text_model():
   hf_cfg = Qwen3VLTextConfig(**{k: v for k, v in COMMON.items() if k != "attn_implementation"},
                              rope_scaling={"rope_type": "default", "mrope_section": [4, 2, 2]})
   hf_cfg._attn_implementation = "eager"
-  hf = _randomize(Qwen3VLTextModel(hf_cfg), 3)
+  hf = randomize_hf(Qwen3VLTextModel(hf_cfg), 3)
   cfg = Q.Qwen3TextConfig.from_hf_dict(hf.config.to_dict())
   params = hf_to_vlm(hf.state_dict())
   assert set(params) == {"model"}

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 from transformers import Qwen3VLConfig as HFConfig, Qwen3VLForConditionalGeneration
 from transformers import Qwen3VLMoeConfig as HFMoeConfig, Qwen3VLMoeForConditionalGeneration
 
+from tests.equivalence.qwen_hf_utils import randomize_hf
 from vlm.convert.hf_qwen3_vl import load_hf_qwen3_vl, save_hf_qwen3_vl
 from vlm.models.qwen3_vl import Qwen3VL, decode_position_ids, init_cache, visual_token_index
 from vlm.models.qwen_vit import vision_inputs
@@ -38,22 +39,6 @@ GRIDS = np.array([[1, 4, 6], [1, 4, 4], [1, 2, 4]])   # 6, 4 and 2 merged tokens
 VGRIDS = np.array([[2, 4, 4]])                         # 2 frame groups of 4 merged tokens
 
 
-def _randomize(model, seed):
-  """N(0, 1/fan_in) matrices, norm weights 1 + 0.1 N, biases 0.1 N (well conditioned)."""
-  g = torch.Generator().manual_seed(seed)
-  with torch.no_grad():
-    for name, p in model.named_parameters():
-      if p.ndim == 1 and "norm" in name:
-        p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=g))
-      elif p.ndim == 1:
-        p.copy_(0.1 * torch.randn(p.shape, generator=g))
-      else:
-        fan_in = (p.shape[-2] if name.endswith(("gate_up_proj", "experts.down_proj"))
-                  else int(np.prod(p.shape[1:])))
-        p.copy_(torch.randn(p.shape, generator=g) / np.sqrt(fan_in))
-  return model.eval()
-
-
 def _hf_model(moe):
   torch.manual_seed(0)
   if moe:
@@ -65,7 +50,7 @@ def _hf_model(moe):
                    video_token_id=VID, vision_start_token_id=VS, vision_end_token_id=VE)
     cls = Qwen3VLForConditionalGeneration
   cfg._attn_implementation = "eager"
-  return _randomize(cls(cfg), 1 + moe)
+  return randomize_hf(cls(cfg), 1 + moe)
 
 
 def _inputs():
@@ -199,7 +184,7 @@ def test_qwen2_5_vl(tmp_path):
   hf_cfg = HF25Config(vision_config=vision, text_config=text, image_token_id=IMG,
                       video_token_id=VID, vision_start_token_id=VS, vision_end_token_id=VE)
   hf_cfg._attn_implementation = "eager"
-  hf = _randomize(Qwen2_5_VLForConditionalGeneration(hf_cfg), 3)
+  hf = randomize_hf(Qwen2_5_VLForConditionalGeneration(hf_cfg), 3)
   hf.save_pretrained(tmp_path / "hf", safe_serialization=True)
 
   rng = np.random.RandomState(1)

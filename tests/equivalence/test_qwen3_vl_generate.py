@@ -21,6 +21,7 @@ import jax
 from transformers import Qwen3VLConfig as HFConfig, Qwen3VLForConditionalGeneration
 
 import vlm
+from tests.equivalence.qwen_hf_utils import randomize_hf
 from vlm.inference.generate import compiled, generate
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -36,20 +37,6 @@ TEXT = dict(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_lay
 GRIDS = np.array([[1, 4, 6], [1, 2, 4]])   # 6 and 2 merged tokens
 VGRIDS = np.array([[2, 4, 4]])             # 2 frame groups of 4 merged tokens
 NEW = 20
-
-
-def _randomize(model, seed):
-  """N(0, 1/fan_in) matrices, norm weights 1 + 0.1 N, biases 0.1 N (well conditioned)."""
-  g = torch.Generator().manual_seed(seed)
-  with torch.no_grad():
-    for name, p in model.named_parameters():
-      if p.ndim == 1 and "norm" in name:
-        p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=g))
-      elif p.ndim == 1:
-        p.copy_(0.1 * torch.randn(p.shape, generator=g))
-      else:
-        p.copy_(torch.randn(p.shape, generator=g) / np.sqrt(int(np.prod(p.shape[1:]))))
-  return model.eval()
 
 
 def _inputs():
@@ -91,7 +78,7 @@ def test_greedy_matches_hf(tmp_path):
   cfg = HFConfig(vision_config=VISION, text_config=TEXT, image_token_id=IMG, video_token_id=VID,
                  vision_start_token_id=VS, vision_end_token_id=VE)
   cfg._attn_implementation = "eager"
-  hf = _randomize(Qwen3VLForConditionalGeneration(cfg), 1)
+  hf = randomize_hf(Qwen3VLForConditionalGeneration(cfg), 1)
   hf.save_pretrained(tmp_path, safe_serialization=True)
   ids, mask, pixels = _inputs()
 
@@ -185,7 +172,7 @@ def test_generate_script_real_vocab(tmp_path):
               rope_scaling={"rope_type": "default", "mrope_section": [2, 1, 1],
                             "mrope_interleaved": True})
   cfg = HFConfig(vision_config=vision, text_config=text, tie_word_embeddings=True)
-  _randomize(Qwen3VLForConditionalGeneration(cfg), 2).save_pretrained(tmp_path / "hf")
+  randomize_hf(Qwen3VLForConditionalGeneration(cfg), 2).save_pretrained(tmp_path / "hf")
   # the released Instruct sampling defaults (spec 7.7): the script must pick them up
   (tmp_path / "hf" / "generation_config.json").write_text(json.dumps({
       "do_sample": True, "temperature": 0.7, "top_k": 20, "top_p": 0.8,
