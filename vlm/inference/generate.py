@@ -381,7 +381,7 @@ def generate(model, params, batch: Mapping[str, Any], *, max_new_tokens: int,
   b, lp = inp["input_ids"].shape
   bb = batch_bucket(b)
   rows = np.concatenate([np.arange(b), np.zeros(bb - b, np.int64)])  # filler rows copy row 0
-  pick = lambda x: None if x is None else np.asarray(x)[rows]
+  take_rows = lambda x: None if x is None else np.asarray(x)[rows]
   width = _round_up(max_new_tokens, new_token_bucket)
   fns = compiled(model, float(temperature), float(top_p), int(pad_token_id), int(top_k),
                  float(repetition_penalty))
@@ -398,11 +398,11 @@ def generate(model, params, batch: Mapping[str, Any], *, max_new_tokens: int,
   rng_prefill, rng_decode = jax.random.split(rng)
   pixels = None if inp["pixel_values"] is None else jnp.asarray(inp["pixel_values"])
   first, cache = fns.prefill(
-      params, jnp.asarray(pick(inp["input_ids"])),
+      params, jnp.asarray(take_rows(inp["input_ids"])),
       jnp.asarray(np.asarray(inp["position_ids"])[:, rows]),
-      jnp.asarray(pick(inp["attention_mask"])), pixels, inp["vision_tables"],
-      pick(inp["visual_token_index"]), cache, rng_prefill, seen)
-  out, _ = fns.decode(params, first, cache, jnp.asarray(pick(inp["rope_deltas"]), jnp.int32), lp,
+      jnp.asarray(take_rows(inp["attention_mask"])), pixels, inp["vision_tables"],
+      take_rows(inp["visual_token_index"]), cache, rng_prefill, seen)
+  out, _ = fns.decode(params, first, cache, jnp.asarray(take_rows(inp["rope_deltas"]), jnp.int32), lp,
                       jnp.asarray(max_new_tokens, jnp.int32), jnp.asarray(eos), rng_decode,
                       jnp.asarray(np.arange(bb) >= b), seen)
   return np.asarray(out)[:b, :max_new_tokens].astype(np.int64)
