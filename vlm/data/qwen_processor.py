@@ -265,9 +265,19 @@ def smart_resize_video(num_frames: int, height: int, width: int, temporal_factor
 
 
 def _to_rgb_uint8(img: Any) -> np.ndarray:
-  """PIL image (any mode) or uint8 ``[H, W, 3]`` / ``[H, W]`` array -> uint8 ``[H, W, 3]``."""
+  """PIL image (any mode) or uint8 ``[H, W, 3]`` / ``[H, W, 4]`` / ``[H, W]`` array -> uint8
+  ``[H, W, 3]``.
+
+  PIL images go through :func:`vlm.data.image.to_rgb` (HF's ``convert("RGB")`` for ordinary
+  modes, so normal images stay bit-identical with HF; 16-bit / 32-bit / float grey scaled to 8
+  bits instead of clipped; alpha dropped, as HF). RGBA arrays drop the alpha the same way.
+
+  Raises:
+    ValueError: non-uint8 or non-channels-last arrays, unconvertible PIL modes, other types.
+  """
   if isinstance(img, Image.Image):
-    return np.asarray(img.convert("RGB"), dtype=np.uint8)
+    from vlm.data.image import to_rgb  # pylint: disable=import-outside-toplevel
+    return np.asarray(to_rgb(img), dtype=np.uint8)
   if isinstance(img, np.ndarray):
     if img.dtype != np.uint8:
       raise ValueError("image arrays must be uint8 [H, W, 3] with values 0..255, got dtype "
@@ -347,15 +357,24 @@ def preprocess_image(img: Any, config: QwenProcessorConfig = QWEN3_VL_PROCESSOR
   merge-window order. Bit-identical to HF slow ``Qwen2VLImageProcessor`` with the same settings.
 
   Args:
-    img: ``PIL.Image`` (any mode) or uint8 ``[H, W, 3]``/``[H, W]`` array.
+    img: ``PIL.Image`` (any mode), uint8 ``[H, W, 3]``/``[H, W]`` array, or an image file path
+      (``str`` / ``os.PathLike``; absolute, relative to the cwd, or relative to the repository
+      root) opened with :func:`vlm.data.image.load_rgb` (full decode, EXIF orientation applied,
+      mode rules of :func:`vlm.data.image.to_rgb`). PIL images are used as they are (no EXIF
+      transpose, as HF's image processor).
     config: processor settings.
 
   Returns:
     ``(patches, grid_thw)`` with ``h = resized_height / P``, ``w = resized_width / P``.
 
   Raises:
+    vlm.data.image.BadSampleError: (a ValueError) for a path that is missing, a directory, empty
+      or not decodable (truncated, not an image, too large); the message names the file.
     ValueError: bad image type/dtype/shape, or an aspect ratio above 200.
   """
+  if isinstance(img, (str, os.PathLike)):
+    from vlm.data.image import load_rgb  # pylint: disable=import-outside-toplevel
+    img = load_rgb(resolve_path(img))
   rgb = _to_rgb_uint8(img)
   rh, rw = smart_resize(rgb.shape[0], rgb.shape[1], config.factor, config.min_pixels,
                         config.max_pixels)
@@ -587,9 +606,14 @@ def load_video(path: str, fps: float | None = 2.0, min_frames: int = 4, max_fram
   Returns:
     ``(frames uint8 [F, H, W, 3], timestamps float64 [F] seconds)``, ``F % Tp == 0``.
 
+  Warns:
+    UserWarning: naming ``path`` when fewer frames decode than the container reports (e.g. a
+      truncated file whose index is at the front); the decodable frames are sampled.
+
   Raises:
-    ValueError: if the file does not exist, is not a decodable video (FFmpeg's error is
-      chained), has no video stream, or has no decodable frames; on an
+    ValueError: naming ``path``, if the file does not exist, is a directory, is empty (0 bytes),
+      is not a decodable video (corrupt or truncated; FFmpeg's error is chained), has no video
+      stream, or has no decodable frames; on an
       unknown ``frame_sampling``, ``"qwen3"`` without ``fps`` or with ``num_frames``; or when the
       sampling function rejects the request (e.g. ``num_frames`` above the frame count).
   """
@@ -603,14 +627,22 @@ def load_video(path: str, fps: float | None = 2.0, min_frames: int = 4, max_fram
     raise ValueError(f"frame_sampling must be 'qwen3' or 'qwen2_vl', got {frame_sampling!r}")
 
   def pick(total_frames: int, video_fps: float) -> np.ndarray:
-    if frame_sampling == "qwen3":
-      return sample_frame_indices(total_frames, video_fps, fps, min_frames, max_frames)
-    return sample_frame_indices_qwen2_vl(total_frames, video_fps, fps, num_frames, min_frames,
-                                         max_frames, temporal_patch_size)
+    try:
+      if frame_sampling == "qwen3":
+        return sample_frame_indices(total_frames, video_fps, fps, min_frames, max_frames)
+      return sample_frame_indices_qwen2_vl(total_frames, video_fps, fps, num_frames, min_frames,
+                                           max_frames, temporal_patch_size)
+    except ValueError as e:
+      raise ValueError(f"{path!r} ({total_frames} frames at {video_fps:g} fps): {e}") from e
 
   resolved = resolve_path(path)
+  if os.path.isdir(resolved):
+    raise ValueError(f"video path is a directory, not a file: {path!r} (resolved to "
+                     f"{resolved!r})")
   if not os.path.isfile(resolved):
     raise ValueError(f"video file not found: {path!r} (resolved to {resolved!r})")
+  if os.path.getsize(resolved) == 0:
+    raise ValueError(f"video file is empty (0 bytes): {path!r} (resolved to {resolved!r})")
   try:
     with av.open(resolved) as container:
       if not container.streams.video:
@@ -618,17 +650,24 @@ def load_video(path: str, fps: float | None = 2.0, min_frames: int = 4, max_fram
       stream = container.streams.video[0]
       total = int(stream.frames or 0)
       video_fps = float(stream.average_rate) if stream.average_rate else 24.0
+    reported = total > 0
     if total < 1:
       _, total = _decode_frames(resolved, set())
+    if total < 1:
+      raise ValueError(f"no frames could be decoded from {path!r}")
     indices = pick(total, video_fps)
     kept, decoded = _decode_frames(resolved, set(indices.tolist()))
+    if decoded < total:
+      if decoded < 1:
+        raise ValueError(f"no frames could be decoded from {path!r}")
+      if reported:
+        import warnings  # pylint: disable=import-outside-toplevel
+        warnings.warn(f"{path!r}: the container reports {total} frames but only {decoded} "
+                      "decode (truncated file?); sampling the decodable frames", stacklevel=2)
+      indices = pick(decoded, video_fps)
+      kept, _ = _decode_frames(resolved, set(indices.tolist()))
   except av.error.FFmpegError as e:  # not a video, truncated, unsupported codec
     raise ValueError(f"could not decode {path!r} as a video: {e}") from e
-  if decoded < total:
-    if decoded < 1:
-      raise ValueError(f"no frames could be decoded from {path!r}")
-    indices = pick(decoded, video_fps)
-    kept, _ = _decode_frames(resolved, set(indices.tolist()))
   idx = indices.tolist()
   if len(idx) % temporal_patch_size:
     idx += [idx[-1]] * (temporal_patch_size - len(idx) % temporal_patch_size)
