@@ -35,6 +35,7 @@ from PIL import Image
 from tokenizers import Tokenizer
 
 from vlm.data.paths import resolve_path
+from vlm.models.rope_index import check_vision_tokens
 
 DEFAULT_TOKENIZER_FILE = "vlm/assets/tokenizers/qwen3/tokenizer.json"
 
@@ -781,18 +782,62 @@ def apply_chat_template(messages: Sequence[Mapping[str, Any]], add_generation_pr
   return "".join(parts)
 
 
+def find_vision_placeholders(text: str, row: int | None = None) -> list[tuple[str, int]]:
+  """The image/video placeholders of one prompt, each checked to sit in its block.
+
+  Every ``<|image_pad|>`` must be exactly ``<|vision_start|><|image_pad|><|vision_end|>`` and
+  every ``<|video_pad|>`` exactly ``<|vision_start|><|video_pad|><|vision_end|>`` (what
+  :func:`apply_chat_template`, and HF's chat template, write for ``{"type": "image"}`` /
+  ``{"type": "video"}`` items). A bare placeholder (e.g. the literal text ``<|image_pad|>`` typed in
+  a prompt) or two inside one block is rejected: expanding it would consume the next image's grid
+  and shift every later image's features into the wrong sample.
+
+  Args:
+    text: one unexpanded prompt.
+    row: batch row, only used in error messages.
+
+  Returns:
+    ``[(kind, offset)]`` in order of appearance; kind is "image" or "video", offset the character
+    index of the placeholder in ``text``.
+
+  Raises:
+    ValueError: naming the row and character offset of a placeholder outside its block.
+  """
+  found = []
+  for kind, pad in (("image", IMAGE_PAD), ("video", VIDEO_PAD)):
+    at = text.find(pad)
+    while at != -1:
+      before = at >= len(VISION_START) and text.startswith(VISION_START, at - len(VISION_START))
+      if not (before and text.startswith(VISION_END, at + len(pad))):
+        where = "" if row is None else f"row {row}: "
+        raise ValueError(
+            f"{where}{pad} at character {at} is not inside a {VISION_START}{pad}{VISION_END} "
+            f"block (context: {text[max(0, at - 40):at + len(pad) + 40]!r}); each {kind} needs "
+            "exactly one such block (apply_chat_template writes it). A stray or doubled "
+            "placeholder would misalign the image features, so literal placeholder text is "
+            "not allowed in prompts")
+      found.append((at, kind))
+      at = text.find(pad, at + len(pad))
+  return [(kind, at) for at, kind in sorted(found)]
+
+
 def expand_vision_placeholders(text: str, image_grid_thw: Sequence[Sequence[int]] = (),
                                video_grid_thw: Sequence[Sequence[int]] = (),
                                video_timestamps: Sequence[Sequence[float]] | None = None,
-                               merge_size: int = 2) -> tuple[str, int, int]:
-  """Expands ``<|image_pad|>`` / ``<|video_pad|>`` placeholders in order of appearance.
+                               merge_size: int = 2, *, row: int | None = None
+                               ) -> tuple[str, int, int]:
+  """Expands ``<|image_pad|>`` / ``<|video_pad|>`` placeholder blocks in order of appearance.
 
   HF ``Qwen3VLProcessor``/``Qwen2_5_VLProcessor.__call__`` (spec §9.4, §7.2): the k-th
   ``<|image_pad|>`` becomes ``t*h*w / M^2`` copies for ``image_grid_thw[k]``. Videos without
   timestamps (Qwen2.5-VL) likewise become ``t*h*w / M^2`` ``<|video_pad|>``. With timestamps
-  (Qwen3-VL) the block ``<|vision_start|><|video_pad|><|vision_end|>`` (or a bare ``<|video_pad|>``)
-  becomes, per temporal patch k, ``"<{ts_k:.1f} seconds>" <|vision_start|> <|video_pad|> x h*w/M^2
-  <|vision_end|>``.
+  (Qwen3-VL) the block ``<|vision_start|><|video_pad|><|vision_end|>`` becomes, per temporal
+  patch k, ``"<{ts_k:.1f} seconds>" <|vision_start|> <|video_pad|> x h*w/M^2 <|vision_end|>``.
+
+  Every placeholder must sit in its ``<|vision_start|>..<|vision_end|>`` block
+  (:func:`find_vision_placeholders`). Unlike HF, which also expands a bare ``<|video_pad|>`` ("vllm
+  may input video token directly") and any stray ``<|image_pad|>``, a bare or doubled placeholder
+  is an error here: it silently shifts the features of every later image.
 
   Args:
     text: one prompt.
@@ -800,48 +845,46 @@ def expand_vision_placeholders(text: str, image_grid_thw: Sequence[Sequence[int]
     video_timestamps: per video, one time per temporal patch (:func:`temporal_patch_timestamps`),
       or None for Qwen2.5-VL style.
     merge_size: M.
+    row: batch row, only used in error messages.
 
   Returns:
     ``(expanded_text, images_used, videos_used)``.
 
   Raises:
-    ValueError: if the text has more placeholders than grids, or a timestamp list has the wrong
-      length.
+    ValueError: a placeholder outside its block, more placeholders than grids, or a timestamp list
+      of the wrong length (messages name ``row`` when given).
   """
+  where = "" if row is None else f"row {row}: "
+  found = find_vision_placeholders(text, row)
+  n_img = sum(kind == "image" for kind, _ in found)
+  n_vid = len(found) - n_img
+  if n_img > len(image_grid_thw) or n_vid > len(video_grid_thw):
+    raise ValueError(f"{where}the text has {n_img} {IMAGE_PAD} and {n_vid} {VIDEO_PAD} "
+                     f"placeholders but only {len(image_grid_thw)} images and "
+                     f"{len(video_grid_thw)} videos are left for it")
   merge = merge_size * merge_size
   sentinel = "\x00IMG\x00"
-  used_i = 0
-  while IMAGE_PAD in text:
-    if used_i >= len(image_grid_thw):
-      raise ValueError(f"the text has more {IMAGE_PAD} placeholders than images "
-                       f"({len(image_grid_thw)})")
-    n = int(np.prod(image_grid_thw[used_i])) // merge
+  for k in range(n_img):
+    n = int(np.prod(image_grid_thw[k])) // merge
     text = text.replace(IMAGE_PAD, sentinel * n, 1)
-    used_i += 1
   text = text.replace(sentinel, IMAGE_PAD)
   sentinel = "\x00VID\x00"
-  used_v = 0
   block = f"{VISION_START}{VIDEO_PAD}{VISION_END}"
-  while VIDEO_PAD in text:
-    if used_v >= len(video_grid_thw):
-      raise ValueError(f"the text has more {VIDEO_PAD} placeholders than videos "
-                       f"({len(video_grid_thw)})")
-    t, h, w = (int(v) for v in video_grid_thw[used_v])
+  for k in range(n_vid):
+    t, h, w = (int(v) for v in video_grid_thw[k])
     if video_timestamps is None:
       text = text.replace(VIDEO_PAD, sentinel * (t * h * w // merge), 1)
     else:
-      ts = list(video_timestamps[used_v])
+      ts = list(video_timestamps[k])
       if len(ts) != t:
-        raise ValueError(f"video {used_v}: {len(ts)} timestamps for grid_t={t}; pass one per "
+        raise ValueError(f"{where}video {k}: {len(ts)} timestamps for grid_t={t}; pass one per "
                          "temporal patch")
       per = h * w // merge
       expanded = "".join(f"{format_timestamp(s)}{VISION_START}{sentinel * per}{VISION_END}"
                          for s in ts)
-      target = block if block in text else VIDEO_PAD  # a bare pad is accepted too, as HF
-      text = text.replace(target, expanded, 1)
-    used_v += 1
+      text = text.replace(block, expanded, 1)
   text = text.replace(sentinel, VIDEO_PAD)
-  return text, used_i, used_v
+  return text, n_img, n_vid
 
 
 # ----------------------------------------------------------------------------------------------
@@ -941,6 +984,19 @@ def _as_list(x, kind_check) -> list:
   return [x] if kind_check(x) else list(x)
 
 
+def _split_per_sample(x, outer_types: tuple, inner_types: tuple, name: str
+                      ) -> tuple[Any, list[int] | None]:
+  """``(flat items, per-sample counts)`` for nested input (one list per text, e.g.
+  ``images=[[a], [b, c]]``), else ``(x, None)``. ValueError when per-sample lists and single items
+  are mixed."""
+  if not isinstance(x, outer_types) or not any(isinstance(e, inner_types) for e in x):
+    return x, None
+  if not all(isinstance(e, inner_types) for e in x):
+    raise ValueError(f"{name} mixes per-sample lists and single {name}: pass either a flat list "
+                     "(consumed in order across the batch) or one list per text")
+  return [item for e in x for item in e], [len(e) for e in x]
+
+
 class Qwen3VLProcessor:
   """Text + images + videos -> numpy model inputs for Qwen3-VL (HF ``Qwen3VLProcessor``, spec §9).
 
@@ -1008,28 +1064,41 @@ class Qwen3VLProcessor:
 
     Args:
       text: prompt string(s), usually from :meth:`apply_chat_template`, with one placeholder block
-        per image/video in order (images and videos are numbered across the whole batch).
-      images: one image or a list (``PIL.Image`` or uint8 ``[H, W, 3]``).
-      videos: one video or a list; each a file path (decoded with :func:`load_video` using the
-        config's ``frame_sampling``, fps/num_frames, min/max frames), a ``(frames, timestamps)``
-        tuple, or (Qwen2.5-VL only) a bare uint8 ``[F, H, W, 3]`` array. Arrays are used as given
-        (no sampling).
+        ``<|vision_start|><|image_pad|><|vision_end|>`` (or the video block) per image/video, in
+        order. A bare or doubled placeholder is an error (:func:`find_vision_placeholders`).
+      images: one image or a list; each a ``PIL.Image``, a uint8 ``[H, W, 3]`` array or an image
+        file path (``str`` / ``os.PathLike``, see :func:`preprocess_image`). Either flat (HF style:
+        consumed in order across the batch) or nested, one list per text
+        (``images=[[img_a], [img_b, img_c]]``, ``[]`` for a text-only row): then each row's
+        placeholder count is checked against its own list and errors name the row.
+      videos: one video or a list (flat or nested per text like ``images``; the per-text lists
+        must be ``list`` objects since a tuple is one video); each a file path (decoded with
+        :func:`load_video` using the config's ``frame_sampling``, fps/num_frames, min/max frames),
+        a ``(frames, timestamps)`` tuple, or (Qwen2.5-VL only) a bare uint8 ``[F, H, W, 3]``
+        array. Arrays are used as given (no sampling).
       padding_side: overrides the instance default.
       max_length: pad to this length instead of the longest prompt.
 
     Returns:
       dict with ``input_ids``/``attention_mask`` int64 ``[B, L]`` (when ``text`` is given),
       ``pixel_values`` float32 ``[sum t*h*w, 3*Tp*P*P]`` and ``image_grid_thw`` int64 ``[n_img, 3]``
-      (when images are given), ``pixel_values_videos``/``video_grid_thw`` (when videos are given),
-      and for Qwen2.5-VL ``second_per_grid_ts`` float32 ``[n_vid]``.
+      (when images are given, flattened in batch order), ``pixel_values_videos``/
+      ``video_grid_thw`` (when videos are given), and for Qwen2.5-VL ``second_per_grid_ts``
+      float32 ``[n_vid]``.
 
     Raises:
-      ValueError: if placeholder and image/video counts differ, on bad inputs, or when a video
-        file cannot be sampled as configured (see :func:`load_video`).
+      ValueError: if placeholder and image/video counts differ (per row with nested input, for the
+        batch with flat input), a placeholder sits outside its block, nested input has a list
+        count other than the number of texts, the tokenised runs do not match the grids
+        (:func:`vlm.models.rope_index.check_vision_tokens`), on bad inputs, or when a video file
+        cannot be sampled as configured (see :func:`load_video`).
+      vlm.data.image.BadSampleError: (a ValueError) an image path that cannot be read.
     """
     cfg = self.config
     out: dict[str, np.ndarray] = {}
-    imgs = _as_list(images, lambda x: isinstance(x, (Image.Image, np.ndarray)))
+    images, image_counts = _split_per_sample(images, (list, tuple), (list, tuple), "images")
+    videos, video_counts = _split_per_sample(videos, (list,), (list,), "videos")
+    imgs = _as_list(images, lambda x: isinstance(x, (Image.Image, np.ndarray, str, os.PathLike)))
     image_grids: list[np.ndarray] = []
     if imgs:
       results = [preprocess_image(im, cfg) for im in imgs]
@@ -1049,13 +1118,24 @@ class Qwen3VLProcessor:
     texts = [text] if isinstance(text, str) else text
     if not isinstance(texts, (list, tuple)) or not all(isinstance(t, str) for t in texts):
       raise ValueError(f"text must be a string or a list of strings, got {type(text).__name__}")
+    for name, counts in (("images", image_counts), ("videos", video_counts)):
+      if counts is not None and len(counts) != len(texts):
+        raise ValueError(f"{name} is nested (one list per text) with {len(counts)} lists for "
+                         f"{len(texts)} texts; pass one list per text ([] for a row without)")
     stamps = self._video_text_info(clips, video_grids) if (clips and cfg.video_timestamps) else None
     expanded = []
     used_i = used_v = 0
-    for t in texts:
-      e, ni, nv = expand_vision_placeholders(
-          t, image_grids[used_i:], video_grids[used_v:],
-          None if stamps is None else stamps[used_v:], cfg.merge_size)
+    for row, t in enumerate(texts):
+      want_i = None if image_counts is None else image_counts[row]
+      want_v = None if video_counts is None else video_counts[row]
+      row_i = image_grids[used_i:] if want_i is None else image_grids[used_i:used_i + want_i]
+      row_v = video_grids[used_v:] if want_v is None else video_grids[used_v:used_v + want_v]
+      row_ts = None if stamps is None else stamps[used_v:used_v + len(row_v)]
+      e, ni, nv = expand_vision_placeholders(t, row_i, row_v, row_ts, cfg.merge_size, row=row)
+      for kind, n, want in (("image", ni, want_i), ("video", nv, want_v)):
+        if want is not None and n != want:
+          raise ValueError(f"row {row}: the text has {n} {kind} placeholder block(s) but {want} "
+                           f"{kind}(s) were given for it (nested {kind}s: one list per text)")
       expanded.append(e)
       used_i += ni
       used_v += nv
@@ -1066,6 +1146,12 @@ class Qwen3VLProcessor:
     ids = self.tokenizer.encode_batch(expanded)
     out["input_ids"], out["attention_mask"] = pad_sequences(
         ids, self.tokenizer.pad_token_id, padding_side or self.padding_side, max_length)
+    check_vision_tokens(
+        out["input_ids"], out["attention_mask"], out.get("image_grid_thw"),
+        out.get("video_grid_thw"), image_token_id=self.tokenizer.image_token_id,
+        video_token_id=self.tokenizer.video_token_id,
+        vision_start_id=self.tokenizer.vision_start_id, merge_size=cfg.merge_size,
+        split_video_frames=cfg.video_timestamps)
     return out
 
 

@@ -27,7 +27,8 @@ from flax import linen as nn
 from vlm.models import qwen_vit
 from vlm.models.qwen3 import init_cache
 from vlm.models.qwen3_vl import Qwen2_5_VLConfig, Qwen3VL, visual_token_index
-from vlm.models.rope_index import qwen2_5_vl_get_rope_index, qwen3_vl_get_rope_index
+from vlm.models.rope_index import (check_vision_tokens, qwen2_5_vl_get_rope_index,
+                                   qwen3_vl_get_rope_index)
 
 PROMPT_BUCKET = 64
 PATCH_BUCKET = 256
@@ -229,8 +230,10 @@ def prepare_inputs(config, batch: Mapping[str, Any], *, pad_token_id: int,
     [Np, F], ``vision_tables`` (dict), ``visual_token_index`` int32 [B, Lp]; else those three None.
   Raises:
     ValueError: missing keys, pixels without grids (or vice versa), pixel rows that do not match
-      the grids, placeholder counts that do not match the grids, a patch bucket that is too
-      small, empty rows, token ids outside the vocabulary.
+      the grids, placeholder runs that do not match the grids row by row and image by image
+      (:func:`vlm.models.rope_index.check_vision_tokens`: the row, the image/video and expected
+      vs found are named; column positions refer to ``batch["input_ids"]``), a patch bucket that
+      is too small, empty rows, token ids outside the vocabulary.
   """
   if "input_ids" not in batch:
     raise ValueError("batch needs input_ids (and attention_mask): pass the processor output")
@@ -255,6 +258,7 @@ def prepare_inputs(config, batch: Mapping[str, Any], *, pad_token_id: int,
     raise ValueError(f"input_ids[{r}, {c}] = {int(ids[r, c])} is outside the vocabulary "
                      f"[0, {v}); tokenize with the model's tokenizer")
   lp = _round_up(int(real.sum(1).max()), prompt_bucket)
+  given_ids, given_mask = ids, mask
   ids, mask = left_pad(ids, mask, lp, pad_token_id)
 
   grids, pixels = [], []
@@ -280,6 +284,12 @@ def prepare_inputs(config, batch: Mapping[str, Any], *, pad_token_id: int,
         video_grid = grid
 
   m = config.vision.spatial_merge_size
+  if pixels:  # per row and per image: the totals alone would let a row's features slip a row
+    check_vision_tokens(given_ids, given_mask, image_grid, video_grid,
+                        image_token_id=config.image_token_id,
+                        video_token_id=config.video_token_id,
+                        vision_start_id=config.vision_start_token_id, merge_size=m,
+                        split_video_frames=not isinstance(config, Qwen2_5_VLConfig))
   args = (ids, image_grid, video_grid, mask, m, config.image_token_id, config.video_token_id,
           config.vision_start_token_id)
   if isinstance(config, Qwen2_5_VLConfig):

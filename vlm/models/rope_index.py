@@ -15,6 +15,9 @@ block per video with ``T = floor(k * second_per_grid_t * tokens_per_second)`` fo
 
 The grids are consumed in order of appearance over the flattened batch (sample 0's images, then
 sample 1's, ...), exactly as the processor packs ``pixel_values``.
+Only the totals are checked here; :func:`check_vision_tokens` checks, row by row and image by
+image, that every placeholder run has the length of the grid it will consume (called by the
+processor and by ``vlm.inference.generate.prepare_inputs``).
 """
 from __future__ import annotations
 
@@ -185,3 +188,95 @@ def qwen2_5_vl_get_rope_index(input_ids, image_grid_thw, video_grid_thw, attenti
   return _rope_index(input_ids, _as_grid(image_grid_thw, "image_grid_thw"), video,
                      attention_mask, spatial_merge_size, image_token_id, video_token_id,
                      vision_start_token_id, lambda t: np.zeros(t, np.int64), video_time)
+
+
+def _runs(flags: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """Starts and lengths of the runs of True in a bool [L] array."""
+  edges = np.diff(np.concatenate([[0], flags.astype(np.int8), [0]]))
+  starts = np.flatnonzero(edges == 1)
+  return starts, np.flatnonzero(edges == -1) - starts
+
+
+def check_vision_tokens(input_ids, attention_mask, image_grid_thw, video_grid_thw, *,
+                        image_token_id: int, video_token_id: int, vision_start_id: int,
+                        merge_size: int, split_video_frames: bool = True) -> None:
+  """Checks that every image/video placeholder run sits where its grid says (host numpy, no jax).
+
+  :func:`qwen3_vl_get_rope_index` / :func:`qwen2_5_vl_get_rope_index` and
+  :func:`vlm.models.qwen3_vl.visual_token_index` consume the grids in order over the flattened
+  batch and only the batch totals are checked there, so a row with one placeholder too few next to
+  a row with one too many would silently give sample 0's features to sample 1. This scans each row
+  (real tokens only, ``attention_mask == 1``), finds every contiguous run of ``image_token_id``
+  (``video_token_id``) and matches the runs, in order, against the grids:
+
+  * image ``k``: one run of ``t*h*w / M^2`` tokens;
+  * video ``k`` with ``split_video_frames`` (Qwen3-VL: each temporal patch is its own
+    ``<ts><|vision_start|>...<|vision_end|>`` block): ``t`` runs of ``h*w / M^2`` tokens; without
+    (Qwen2.5-VL): one run of ``t*h*w / M^2``;
+  * every run starts right after ``vision_start_id`` (that is how the rope index finds blocks).
+
+  Args:
+    input_ids: int [B, L] (left or right padded).
+    attention_mask: 0/1 or bool [B, L], or None (all real).
+    image_grid_thw, video_grid_thw: int [N, 3] (t, h, w) in batch order, or None (no images /
+      videos: then any placeholder run is an error).
+    image_token_id, video_token_id, vision_start_id: special token ids.
+    merge_size: M (``spatial_merge_size``).
+    split_video_frames: True for Qwen3-VL, False for Qwen2.5-VL (see above).
+
+  Raises:
+    ValueError: bad shapes, or a run that is not preceded by ``vision_start_id``, has the wrong
+      length for its image/video, has no grid left, or grids left over with no run; the message
+      names the row, the column in ``input_ids``, the image/video index and expected vs found.
+  """
+  ids = np.asarray(input_ids)
+  if ids.ndim != 2:
+    raise ValueError(f"input_ids must be int [B, L], got shape {ids.shape}")
+  mask = np.ones(ids.shape, bool) if attention_mask is None else np.asarray(attention_mask)
+  if mask.shape != ids.shape:
+    raise ValueError(f"attention_mask {mask.shape} must have the shape of input_ids {ids.shape}")
+  mask = mask.astype(bool)
+  unit = int(merge_size) ** 2
+  expected = {}
+  for kind, grid in (("image", _as_grid(image_grid_thw, "image_grid_thw")),
+                     ("video", _as_grid(video_grid_thw, "video_grid_thw"))):
+    runs = []  # (item index, temporal patch or None, tokens, grid)
+    for k, (t, h, w) in enumerate(grid.tolist() if grid is not None else []):
+      if kind == "video" and split_video_frames:
+        runs += [(k, f, h * w // unit, (t, h, w)) for f in range(t)]
+      else:
+        runs.append((k, None, t * h * w // unit, (t, h, w)))
+    expected[kind] = runs
+  used = {"image": 0, "video": 0}
+  for row in range(ids.shape[0]):
+    cols = np.flatnonzero(mask[row])
+    tok = ids[row, cols]
+    for kind, token_id in (("image", image_token_id), ("video", video_token_id)):
+      starts, lengths = _runs(tok == token_id)
+      for s, n in zip(starts.tolist(), lengths.tolist()):
+        col = int(cols[s])
+        if s == 0 or tok[s - 1] != vision_start_id:
+          raise ValueError(f"row {row}: the {kind} placeholder run at column {col} does not "
+                           f"follow a <|vision_start|> token ({vision_start_id}); every run must "
+                           f"sit in a <|vision_start|>...<|vision_end|> block")
+        runs = expected[kind]
+        if used[kind] >= len(runs):
+          n_items = runs[-1][0] + 1 if runs else 0
+          raise ValueError(f"row {row}: a run of {n} {kind} placeholder tokens at column {col} "
+                           f"but {kind}_grid_thw has only {n_items} {kind}(s), all placed "
+                           "before it; pass one grid per placeholder block")
+        k, frame, want, grid = runs[used[kind]]
+        if n != want:
+          what = f"{kind} {k}" + (f" temporal patch {frame}" if frame is not None else "")
+          raise ValueError(f"row {row}: {what} (grid t,h,w={list(grid)}, merge {merge_size}) "
+                           f"needs {want} placeholder tokens, found a run of {n} at column "
+                           f"{col}; placeholders and images/videos are misaligned")
+        used[kind] += 1
+  for kind, runs in expected.items():
+    if used[kind] < len(runs):
+      k, frame, want, grid = runs[used[kind]]
+      what = f"{kind} {k}" + (f" temporal patch {frame}" if frame is not None else "")
+      raise ValueError(f"{what} (grid t,h,w={list(grid)}) has no placeholder run: the input_ids "
+                       f"hold {used[kind]} of the {len(runs)} {kind} runs that {kind}_grid_thw "
+                       "needs (a truncated prompt, or fewer placeholder blocks than "
+                       f"{kind}s)")
