@@ -14,6 +14,11 @@ in place; the loop exits early once every row has stopped). Prompt length, batch
 (:func:`batch_bucket`) and new-token count are bucketed, so a new request within the buckets does
 not recompile. Greedy (``temperature == 0``) or temperature + nucleus (top-p) sampling; each row stops at its
 first stop token, later positions are filled with ``pad_token_id`` (HF ``generate`` semantics).
+
+Before compiling, :func:`generate` compares :func:`estimate_generate_memory` (shapes only: params,
+the vision tower's dense [heads, Np, Np] attention over all packed patches, KV cache, prefill
+activations) with :func:`device_memory_limit` and raises :class:`GenerateMemoryError` for a
+request that cannot fit (``check_memory=False`` skips it).
 """
 from __future__ import annotations
 
@@ -317,11 +322,182 @@ def prepare_inputs(config, batch: Mapping[str, Any], *, pad_token_id: int,
   return out
 
 
+class GenerateMemoryError(ValueError):
+  """A generation request whose estimated memory (:func:`estimate_generate_memory`) exceeds what
+  the device has (:func:`device_memory_limit`); raised before anything is compiled."""
+
+
+def _grid_rows(batch: Mapping[str, Any], key: str) -> np.ndarray:
+  grid = batch.get(key)
+  return np.zeros((0, 3), np.int64) if grid is None else np.asarray(grid, np.int64).reshape(-1, 3)
+
+
+def estimate_generate_memory(model, params, batch: Mapping[str, Any], max_new_tokens: int, *,
+                             prompt_bucket: int = PROMPT_BUCKET,
+                             new_token_bucket: int = NEW_TOKEN_BUCKET,
+                             max_patches: int | None = None,
+                             repetition_penalty: float = 1.0) -> dict[str, int]:
+  """Estimated peak memory of one :func:`generate` call, in bytes, from shapes only.
+
+  An estimate, not a measurement: XLA may fuse or reuse buffers (lower) or keep extra temporaries
+  (higher); it is meant to catch requests that cannot fit by a wide margin (a 6000x6000 photo at
+  the processor's default 16.7M-pixel budget needs ~275 GB for one vision attention matrix)
+  before minutes of preprocessing and compilation end in an out-of-memory crash. It reads only
+  shapes: ``batch`` needs ``input_ids`` (+ ``attention_mask``) and the grids; pixels are not
+  read, so candidate grids can be tried without running the processor.
+
+  Counted, with B the batch bucket (:func:`batch_bucket`), Lp the prompt bucket, T = Lp +
+  round_up(max_new_tokens, new_token_bucket) the cache length, Np the packed patch bucket of all
+  images and videos (the vision tower runs them as ONE sequence, every block a dense
+  segment/window-masked attention over all Np patches), ``isz`` the bytes of ``model.dtype``:
+
+  * ``params``: bytes of every leaf of ``params`` (arrays or ``jax.ShapeDtypeStruct``).
+  * ``vision_attention``: one block's scores and softmax, float32 ``[heads, Np, Np]`` each (plus
+    the probabilities in the compute dtype when it is not float32) and the bool mask
+    ``[Np, Np]``: quadratic in Np.
+  * ``vision_activations``: per patch the float32 pixels, the residual stream, qkv, attention
+    output and MLP hidden in ``isz``, plus the merged features and DeepStack copies.
+  * ``kv_cache``: keys and values ``2 x [layers, B, kv_heads, T, head_dim]`` in ``isz``.
+  * ``prefill_attention``: one decoder layer's float32 scores and softmax ``[B, heads, Lp, Lp]``.
+  * ``prefill_activations``: the residual stream, embeddings and DeepStack features, q/k/v and
+    the MLP hidden (all experts for an MoE decoder: prefill runs them densely) for ``[B, Lp]``
+    tokens: linear in Lp.
+  * ``decode``: float32 logits ``[B, V]`` with the sampler's sort buffers, and the repetition
+    penalty's ``[B, V]`` mask.
+  * ``total``: ``params + kv_cache + decode + max(vision phase, decoder prefill phase)``; the
+    two phases run one after the other inside the prefill program.
+
+  Args:
+    model: a :class:`vlm.models.qwen3_vl.Qwen3VL` / ``Qwen2_5_VL`` (its ``config`` and ``dtype``).
+    params: its parameter tree (or ``{"params": tree}``); ``{}`` counts 0 bytes.
+    batch: processor output, or a dict with the same ``input_ids`` / ``attention_mask`` /
+      ``image_grid_thw`` / ``video_grid_thw`` shapes.
+    max_new_tokens: as :func:`generate`.
+    prompt_bucket, new_token_bucket, max_patches, repetition_penalty: as :func:`generate`.
+
+  Returns:
+    dict of int bytes with the keys above.
+
+  Raises:
+    ValueError: ``batch`` without ``input_ids`` or with a non-2-D ``input_ids``.
+  """
+  if "input_ids" not in batch:
+    raise ValueError("batch needs input_ids (and attention_mask): pass the processor output")
+  ids = np.asarray(batch["input_ids"])
+  if ids.ndim != 2:
+    raise ValueError(f"input_ids must be int [B, L], got shape {ids.shape}")
+  mask = batch.get("attention_mask")
+  real = np.ones(ids.shape, bool) if mask is None else np.asarray(mask).astype(bool)
+  cfg, text = model.config, model.config.text
+  isz = jnp.dtype(model.dtype).itemsize
+  extra_probs = 0 if isz == 4 else isz  # the probabilities cast to the compute dtype
+  b = batch_bucket(max(1, ids.shape[0]))
+  lp = _round_up(int(real.sum(1).max()) if ids.size else 1, prompt_bucket)
+  t = lp + _round_up(int(max_new_tokens), new_token_bucket)
+  leaves = jax.tree.leaves(params)
+  out = {"params": int(sum(int(np.prod(x.shape)) * jnp.dtype(x.dtype).itemsize for x in leaves))}
+
+  vis = cfg.vision
+  grids = np.concatenate([_grid_rows(batch, "image_grid_thw"), _grid_rows(batch, "video_grid_thw")])
+  patches = int(np.prod(grids, axis=1).sum()) if len(grids) else 0
+  n_p = 0 if not patches else (max_patches if max_patches is not None
+                               else _round_up(patches, PATCH_BUCKET))
+  n_deep = len(getattr(vis, "deepstack_visual_indexes", ()) or ())
+  unit = vis.spatial_merge_size ** 2
+  out["vision_attention"] = n_p * n_p * (vis.num_heads * (8 + extra_probs) + 1)
+  out["vision_activations"] = n_p * (
+      4 * vis.patch_dim + isz * (6 * vis.hidden_size + 2 * vis.intermediate_size)
+      + isz * (1 + n_deep) * vis.out_hidden_size // unit)
+
+  hd, d = text.head_dim, text.hidden_size
+  out["kv_cache"] = 2 * text.num_hidden_layers * b * text.num_key_value_heads * t * hd * isz + b * t
+  out["prefill_attention"] = b * lp * lp * (text.num_attention_heads * (8 + extra_probs) + 1)
+  mlp = (text.num_experts * text.moe_intermediate_size if text.num_experts
+         else text.intermediate_size)
+  qkv = (text.num_attention_heads + 2 * text.num_key_value_heads) * hd
+  out["prefill_activations"] = b * lp * isz * ((4 + n_deep) * d + qkv + 3 * mlp)
+  v = text.vocab_size
+  out["decode"] = b * v * (4 * 3 + (1 if repetition_penalty != 1.0 else 0))
+  vision_phase = out["vision_attention"] + out["vision_activations"]
+  prefill_phase = out["prefill_attention"] + out["prefill_activations"]
+  out["total"] = (out["params"] + out["kv_cache"] + out["decode"]
+                  + max(vision_phase, prefill_phase))
+  return out
+
+
+def device_memory_limit(device=None) -> int | None:
+  """Bytes a generation on ``device`` (default ``jax.devices()[0]``) may use in total,
+  parameters included; None when unknown (the memory check is then skipped).
+
+  GPU/TPU: ``device.memory_stats()["bytes_limit"]`` (the allocator's limit; parameters already on
+  the device are part of what it holds). CPU: this process's resident memory
+  (``/proc/self/statm``) plus the system's ``MemAvailable`` (``/proc/meminfo``), i.e. what the
+  process can grow to with the parameters it already holds; without ``/proc``, the physical RAM
+  ``os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")``.
+  """
+  import os
+  device = device if device is not None else jax.devices()[0]
+  if device.platform != "cpu":
+    try:
+      stats = device.memory_stats() or {}
+    except Exception:  # pylint: disable=broad-except  # backends without memory_stats
+      stats = {}
+    limit = stats.get("bytes_limit")
+    return int(limit) if limit else None
+  try:
+    page = os.sysconf("SC_PAGE_SIZE")
+    with open("/proc/meminfo") as fh:
+      avail = next(int(line.split()[1]) * 1024 for line in fh if line.startswith("MemAvailable:"))
+    with open("/proc/self/statm") as fh:
+      resident = int(fh.read().split()[1]) * page
+    return avail + resident
+  except (OSError, StopIteration, ValueError, IndexError):
+    pass
+  try:
+    return int(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+  except (OSError, ValueError, AttributeError):
+    return None
+
+
+def format_memory_estimate(est: Mapping[str, int]) -> str:
+  """One line: ``total X GiB = params ... + vision attention ... + ...`` (GiB, 2 decimals)."""
+  gib = lambda n: f"{n / 2 ** 30:.2f} GiB"
+  parts = ", ".join(f"{k.replace('_', ' ')} {gib(v)}" for k, v in est.items() if k != "total")
+  return f"{gib(est['total'])} ({parts})"
+
+
+def check_generate_memory(model, params, batch: Mapping[str, Any], max_new_tokens: int, *,
+                          limit: int | None = None, hint: str | None = None,
+                          **kwargs) -> dict[str, int]:
+  """:func:`estimate_generate_memory` compared with ``limit`` (default
+  :func:`device_memory_limit`); returns the estimate.
+
+  Raises:
+    GenerateMemoryError: (a ValueError) when the estimate exceeds the limit; the message gives
+      both in GiB, the patch and prompt sizes, and ``hint`` (default: lower the processor's
+      ``max_pixels``, or pass ``check_memory=False`` to try anyway).
+  """
+  est = estimate_generate_memory(model, params, batch, max_new_tokens, **kwargs)
+  limit = device_memory_limit() if limit is None else limit
+  if limit is not None and est["total"] > limit:
+    grids = np.concatenate([_grid_rows(batch, "image_grid_thw"),
+                            _grid_rows(batch, "video_grid_thw")])
+    patches = int(np.prod(grids, axis=1).sum()) if len(grids) else 0
+    hint = hint or ("lower the processor's max_pixels (dataclasses.replace(processor.config, "
+                    "max_pixels=...)) or max_new_tokens, or pass check_memory=False to try anyway")
+    raise GenerateMemoryError(
+        f"this generation needs an estimated {format_memory_estimate(est)} but the device has "
+        f"{limit / 2 ** 30:.2f} GiB: {patches} vision patches "
+        f"({patches // model.config.vision.spatial_merge_size ** 2} visual tokens), prompt of "
+        f"{np.asarray(batch['input_ids']).shape[1]} tokens; {hint}")
+  return est
+
+
 def generate(model, params, batch: Mapping[str, Any], *, max_new_tokens: int,
              eos_token_ids: int | Sequence[int], pad_token_id: int, temperature: float = 0.0,
              top_p: float = 1.0, top_k: int = 0, repetition_penalty: float = 1.0, rng=None,
              max_patches: int | None = None, prompt_bucket: int = PROMPT_BUCKET,
-             new_token_bucket: int = NEW_TOKEN_BUCKET) -> np.ndarray:
+             new_token_bucket: int = NEW_TOKEN_BUCKET, check_memory: bool = True) -> np.ndarray:
   """Generates up to ``max_new_tokens`` tokens after each prompt of a batch.
 
   Args:
@@ -345,12 +521,16 @@ def generate(model, params, batch: Mapping[str, Any], *, max_new_tokens: int,
     new_token_bucket: the KV cache holds ``round_up(max_new_tokens, new_token_bucket)`` new
       slots; ``max_new_tokens`` within one bucket does not recompile. Batch sizes are bucketed by
       :func:`batch_bucket`. Compilations: one per (prompt, batch, new-token, patch) bucket.
+    check_memory: before compiling, compare :func:`estimate_generate_memory` with
+      :func:`device_memory_limit` and raise :class:`GenerateMemoryError` if it does not fit
+      (arithmetic on shapes only; False skips it).
   Returns:
     int64 numpy [B, max_new_tokens].
   Raises:
     ValueError: bad sampling settings (non-finite temperature, top_p outside (0, 1], negative
       top_k, non-positive repetition penalty, a missing or malformed rng when sampling), stop
       ids that are not ints in the vocabulary, or bad inputs (see :func:`prepare_inputs`).
+    GenerateMemoryError: (a ValueError) with ``check_memory``, a request estimated not to fit.
   """
   if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
     raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
@@ -388,6 +568,10 @@ def generate(model, params, batch: Mapping[str, Any], *, max_new_tokens: int,
   config = model.config
   inp = prepare_inputs(config, batch, pad_token_id=pad_token_id, prompt_bucket=prompt_bucket,
                        max_patches=max_patches)
+  if check_memory:
+    check_generate_memory(model, params, batch, max_new_tokens, prompt_bucket=prompt_bucket,
+                          new_token_bucket=new_token_bucket, max_patches=max_patches,
+                          repetition_penalty=repetition_penalty)
   b, lp = inp["input_ids"].shape
   bb = batch_bucket(b)
   rows = np.concatenate([np.arange(b), np.zeros(bb - b, np.int64)])  # filler rows copy row 0
