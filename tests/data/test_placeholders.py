@@ -101,7 +101,8 @@ def test_normal_batches_nested_equals_flat_and_hf(tok):
   for key in flat:
     np.testing.assert_array_equal(flat[key], nested[key])
   hf_tok = transformers.Qwen2TokenizerFast(
-      tokenizer_file=TOKENIZER, pad_token="<|endoftext|>", eos_token="<|im_end|>", unk_token=None, bos_token=None)
+      tokenizer_file=TOKENIZER, pad_token="<|endoftext|>", eos_token="<|im_end|>", unk_token=None,
+      bos_token=None)
   from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor
   hf = _hf_processor(transformers.Qwen3VLProcessor, _hf_image_processor(qp.QWEN3_VL_PROCESSOR),
                      hf_tok, Qwen3VLVideoProcessor())
