@@ -31,6 +31,7 @@ setup(
         "test": [
             "pytest>=8",
             "pytest-xdist>=3",
+            "tensorboard",  # reads the event files back in the resume tests
             "torch==2.13.0",
             "transformers==4.57.1",
         ],

@@ -3,23 +3,69 @@
 Layout: ``<workdir>/checkpoints/<step>/{state,data_iter,metadata}``. Saves are asynchronous
 (the arrays are copied off the devices before ``save`` returns, then written in the background)
 and atomic: orbax writes into a temporary directory and renames it only once complete, so a
-crash mid-save leaves the previous checkpoint as the latest. A SIGTERM (preemption on TPU VMs,
-``kill``) sets a flag that the loop checks every step; the loop then saves and exits cleanly.
+crash mid-save leaves the previous checkpoint as the latest (the temporary directory is removed
+when the next run opens the manager). A SIGTERM (preemption on TPU VMs, ``kill``) sets a flag
+that the loop checks every step; the loop then saves and exits cleanly.
+
+What goes wrong, and what this module does about it:
+
+* **A damaged checkpoint** (a truncated array file, a missing manifest, an emptied metadata
+  file, a missing item: anything that makes reading it fail) is detected on resume by
+  :func:`restore_latest`, moved aside to ``<workdir>/checkpoints_damaged/<step>`` (never
+  deleted), reported in one log line, and the newest intact checkpoint before it is used.
+* **A full disk**: :func:`save` compares the free space with the size of the state before it
+  starts writing and raises :class:`CheckpointSaveError` at once; a save that fails in the
+  background is reported by :func:`check_background_save` (called every step) instead of at
+  the next save. Old checkpoints are deleted by orbax only after a newer one is complete, so
+  the last good checkpoint stays.
+* **Resuming with another configuration**: :func:`restore_latest` compares the saved config
+  with the new one. A change that alters the shapes or the structure of the state (another
+  model size, other frozen parameters) is refused with :class:`CheckpointMismatchError`, which
+  lists the changed config keys and the first mismatching arrays; any other change (batch size,
+  learning rate, seed...) is resumed with a warning that lists it.
 """
 from __future__ import annotations
 
+import json
+import logging
 import os
+import shutil
 import signal
 import threading
-from typing import Any
+import time
+from typing import Any, Mapping
 
 import grain
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
+
+log = logging.getLogger("vlm.train")
+
+DAMAGED_DIR = "checkpoints_damaged"
+# Free space wanted beyond the state's own bytes: orbax's metadata, the iterator state and
+# filesystem slack (10% + 16 MiB).
+_SPACE_FACTOR = 1.1
+_SPACE_SLACK = 16 << 20
+
+
+class CheckpointSaveError(RuntimeError):
+  """A checkpoint could not be written (no space, or the background write failed). The message
+  names the step, the directory, the cause and the last good checkpoint."""
+
+
+class CheckpointMismatchError(ValueError):
+  """The workdir's checkpoint cannot be resumed with the given config (the state's shapes or
+  structure differ). The message lists the changed config keys and the mismatching arrays."""
 
 
 class PreemptionFlag:
-  """Set by SIGTERM/SIGINT (or by orbax's multi-host preemption sync); read by the loop."""
+  """Set by SIGTERM/SIGINT (or by orbax's multi-host preemption sync); read by the loop.
+
+  Install it as early as possible (before data validation and compilation) so that a
+  preemption notice during a long startup is seen: :meth:`wait` lets a caller block on other
+  work while staying responsive to it.
+  """
 
   def __init__(self, signals=(signal.SIGTERM,)):
     self._event = threading.Event()
@@ -36,6 +82,10 @@ class PreemptionFlag:
   def is_set(self) -> bool:
     return self._event.is_set()
 
+  def wait(self, timeout: float) -> bool:
+    """Blocks up to ``timeout`` seconds or until the flag is set; returns :meth:`is_set`."""
+    return self._event.wait(timeout)
+
   def restore_handlers(self):
     for sig, handler in self._previous.items():
       signal.signal(sig, handler)
@@ -43,11 +93,16 @@ class PreemptionFlag:
 
 def make_manager(workdir: str, *, save_interval_steps: int, max_to_keep: int = 3,
                  async_save: bool = True) -> ocp.CheckpointManager:
-  """CheckpointManager over ``workdir/checkpoints`` with items state, data_iter, metadata."""
+  """CheckpointManager over ``workdir/checkpoints`` with items state, data_iter, metadata.
+
+  Unfinished temporary directories of an interrupted save are removed on open (they never were
+  checkpoints); finished checkpoints are only ever removed by ``max_to_keep``, after a newer one
+  is complete.
+  """
   directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
   options = ocp.CheckpointManagerOptions(
       save_interval_steps=save_interval_steps, max_to_keep=max_to_keep, create=True,
-      enable_async_checkpointing=async_save)
+      enable_async_checkpointing=async_save, cleanup_tmp_directories=True)
   return ocp.CheckpointManager(
       directory, options=options,
       item_handlers={"state": ocp.StandardCheckpointHandler(),
@@ -55,23 +110,272 @@ def make_manager(workdir: str, *, save_interval_steps: int, max_to_keep: int = 3
                      "metadata": ocp.JsonCheckpointHandler()})
 
 
+def state_nbytes(tree: Any) -> int:
+  """Bytes this process writes for ``tree``: the addressable shards of its arrays (replicated
+  shards counted once per device, an upper bound), or ``nbytes`` of host arrays."""
+  total = 0
+  for leaf in jax.tree.leaves(tree):
+    if isinstance(leaf, jax.Array):
+      total += sum(s.data.nbytes for s in leaf.addressable_shards)
+    elif hasattr(leaf, "nbytes"):
+      total += int(leaf.nbytes)
+  return total
+
+
+def free_bytes(directory: str) -> int:
+  """Free bytes on the filesystem of ``directory`` (or of its nearest existing parent)."""
+  path = os.path.abspath(directory)
+  while not os.path.exists(path):
+    parent = os.path.dirname(path)
+    if parent == path:
+      break
+    path = parent
+  return shutil.disk_usage(path).free
+
+
+def _gib(n: float) -> str:
+  return f"{n / 2**30:.2f} GiB"
+
+
+def _last_good(manager: ocp.CheckpointManager) -> str:
+  step = manager.latest_step()
+  if step is None:
+    return "there is no earlier checkpoint"
+  return f"the last good checkpoint is step {step} in {manager.directory}"
+
+
+def check_background_save(manager: ocp.CheckpointManager) -> None:
+  """Raises :class:`CheckpointSaveError` if an earlier asynchronous save failed (cheap: reads
+  the background thread's status, never waits for it)."""
+  try:
+    manager.check_for_errors()
+  except Exception as e:  # orbax re-raises whatever the writer thread hit (OSError, ...)
+    raise CheckpointSaveError(
+        f"writing a checkpoint to {manager.directory} failed in the background: "
+        f"{type(e).__name__}: {e}. {_last_good(manager)}; free disk space (or lower "
+        "config.checkpoint.max_to_keep) and rerun the same command to resume from it.") from e
+
+
 def save(manager: ocp.CheckpointManager, step: int, state, data_iter, metadata: dict,
          *, force: bool = False) -> bool:
-  """Saves if ``step`` is on the interval (or ``force``); returns whether a save started."""
+  """Saves if ``step`` is on the interval (or ``force``); returns whether a save started.
+
+  Before writing, the free space of the checkpoint directory is compared with the bytes of
+  ``state`` (x1.1 + 16 MiB).
+
+  Raises:
+    CheckpointSaveError: not enough free space (nothing is written, the last good checkpoint
+      stays), an earlier background save failed, or starting the save failed; the message names
+      the step, the directory, the sizes and the last good checkpoint.
+  """
+  check_background_save(manager)
+  if not (force or manager.should_save(step)):
+    return False
+  needed = int(state_nbytes(state) * _SPACE_FACTOR) + _SPACE_SLACK
+  free = free_bytes(str(manager.directory))
+  if free < needed:
+    raise CheckpointSaveError(
+        f"not enough disk space to save the checkpoint of step {step} in {manager.directory}: "
+        f"it needs about {_gib(needed)}, {_gib(free)} are free. Nothing was written; "
+        f"{_last_good(manager)}. Free space (or lower config.checkpoint.max_to_keep) and rerun "
+        "the same command to resume.")
   args = ocp.args.Composite(state=ocp.args.StandardSave(state),
                             data_iter=grain.checkpoint.CheckpointSave(data_iter),
                             metadata=ocp.args.JsonSave(metadata))
-  return manager.save(step, args=args, force=force)
+  try:
+    return manager.save(step, args=args, force=force)
+  except OSError as e:
+    raise CheckpointSaveError(
+        f"saving the checkpoint of step {step} in {manager.directory} failed: {e}. "
+        f"{_last_good(manager)}.") from e
 
 
-def restore(manager: ocp.CheckpointManager, step: int, abstract_state, data_iter):
-  """Restores ``(state, metadata)`` at ``step`` into the shardings of ``abstract_state`` (a pytree
-  of ``jax.ShapeDtypeStruct`` with ``sharding``); ``data_iter`` is repositioned in place."""
-  restored = manager.restore(step, args=ocp.args.Composite(
-      state=ocp.args.StandardRestore(abstract_state),
-      data_iter=grain.checkpoint.CheckpointRestore(data_iter),
-      metadata=ocp.args.JsonRestore()))
-  return restored["state"], restored["metadata"]
+def wait_for_saves(manager: ocp.CheckpointManager) -> None:
+  """Waits for the background save; a failure raises :class:`CheckpointSaveError`."""
+  try:
+    manager.wait_until_finished()
+  except Exception as e:
+    raise CheckpointSaveError(
+        f"writing a checkpoint to {manager.directory} failed: {type(e).__name__}: {e}. "
+        f"{_last_good(manager)}.") from e
+
+
+# ------------------------------------------------------------------------------------------
+# Resume: config comparison, structure check, damaged-checkpoint fallback.
+
+
+def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+  """Nested dict -> {"a.b.c": leaf}."""
+  if isinstance(d, Mapping):
+    out = {}
+    for k, v in d.items():
+      out.update(_flatten(v, f"{prefix}{k}."))
+    return out
+  return {prefix[:-1]: d}
+
+
+def config_changes(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[tuple[str, Any, Any]]:
+  """``[(dotted key, saved value, current value)]`` for every key whose value differs (a key
+  present on one side only shows ``"<absent>"`` on the other). Values are compared as JSON."""
+  a, b = _flatten(saved), _flatten(current)
+  out = []
+  for k in sorted(set(a) | set(b)):
+    va, vb = a.get(k, "<absent>"), b.get(k, "<absent>")
+    if json.dumps(va, sort_keys=True, default=str) != json.dumps(vb, sort_keys=True, default=str):
+      out.append((k, va, vb))
+  return out
+
+
+def _path_str(path) -> str:
+  parts = []
+  for p in path:
+    for attr in ("name", "key", "idx"):
+      if hasattr(p, attr):
+        parts.append(str(getattr(p, attr)))
+        break
+    else:
+      parts.append(str(p))
+  return "/".join(parts)
+
+
+def _shapes(tree) -> dict[str, tuple]:
+  flat = jax.tree_util.tree_flatten_with_path(
+      tree, is_leaf=lambda x: hasattr(x, "shape") and hasattr(x, "dtype"))[0]
+  return {_path_str(p): tuple(v.shape) for p, v in flat}
+
+
+def structure_mismatch(saved_state_metadata, abstract_state) -> list[str]:
+  """Human-readable differences between a checkpoint's array metadata and the state the current
+  config builds: arrays missing on either side, or of other shapes. Empty if they match."""
+  saved, want = _shapes(saved_state_metadata), _shapes(abstract_state)
+  out = []
+  for k in sorted(set(saved) | set(want)):
+    if k not in saved:
+      out.append(f"{k}: not in the checkpoint (shape {want[k]} now)")
+    elif k not in want:
+      out.append(f"{k}: in the checkpoint (shape {saved[k]}) but not in the current model")
+    elif saved[k] != want[k]:
+      out.append(f"{k}: shape {saved[k]} saved, {want[k]} now")
+  return out
+
+
+def _format_changes(changes, limit: int = 12) -> str:
+  shown = [f"{k}: {a!r} -> {b!r}" for k, a, b in changes[:limit]]
+  more = f" (+{len(changes) - limit} more)" if len(changes) > limit else ""
+  return "; ".join(shown) + more
+
+
+def quarantine(manager: ocp.CheckpointManager, step: int, workdir: str) -> str:
+  """Moves the step directory out of ``checkpoints/`` into ``checkpoints_damaged/`` (a unique
+  name; nothing is deleted), reloads the manager and returns the new path."""
+  src = os.path.join(str(manager.directory), str(step))
+  dst_root = os.path.join(workdir, DAMAGED_DIR)
+  os.makedirs(dst_root, exist_ok=True)
+  dst = os.path.join(dst_root, str(step))
+  if os.path.exists(dst):
+    dst = f"{dst}.{time.strftime('%Y%m%d-%H%M%S')}.{os.getpid()}"
+  if jax.process_index() == 0:
+    shutil.move(src, dst)
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices(f"vlm_quarantine_{step}")
+  manager.reload()
+  return dst
+
+
+def _first_line(e: BaseException, limit: int = 240) -> str:
+  text = f"{type(e).__name__}: {e}".strip().splitlines()[0] if str(e) else type(e).__name__
+  return text[:limit]
+
+
+def restore_latest(manager: ocp.CheckpointManager, abstract_state, data_iter, *,
+                   workdir: str, config: Mapping[str, Any] | None = None):
+  """Restores the newest intact checkpoint of ``manager``, moving damaged ones aside.
+
+  For each step, newest first: read its metadata (the saved config) and its array metadata;
+  compare them with ``config`` and ``abstract_state``; then restore the state (into the
+  shardings of ``abstract_state``) and reposition ``data_iter`` in place. A step whose files
+  cannot be read is moved to ``<workdir>/checkpoints_damaged/`` with one warning line, and the
+  next older one is tried.
+
+  Args:
+    manager: from :func:`make_manager`.
+    abstract_state: pytree of ``jax.ShapeDtypeStruct`` with ``sharding`` (the restore target).
+    data_iter: the grain iterator to reposition.
+    workdir: the run's workdir (where ``checkpoints_damaged/`` goes).
+    config: the current config as a plain dict (``json.loads(config.to_json_best_effort())``);
+      None skips the comparison.
+
+  Returns:
+    ``(step, state, metadata)`` or ``(None, None, None)`` when no checkpoint is left.
+
+  Raises:
+    CheckpointMismatchError: an intact checkpoint whose state does not fit ``abstract_state``
+      (another model size, other frozen parameters); the message lists the changed config keys
+      and the mismatching arrays. Nothing is moved in that case.
+  """
+  damaged = []
+  for step in sorted(manager.all_steps(), reverse=True):
+    try:
+      meta = manager.restore(step, args=ocp.args.Composite(metadata=ocp.args.JsonRestore()))
+      meta = meta["metadata"]
+      if not isinstance(meta, dict):
+        raise ValueError(f"metadata is a {type(meta).__name__}, not a JSON object")
+      item_meta = manager.item_metadata(step)
+      if "state" not in item_meta or item_meta["state"] is None:
+        raise ValueError("the item 'state' is missing")
+      if "data_iter" not in item_meta or not os.path.isdir(
+          os.path.join(str(manager.directory), str(step), "data_iter")):
+        raise ValueError("the item 'data_iter' is missing")
+      saved_state_meta = item_meta["state"]
+    except Exception as e:  # unreadable: damaged
+      damaged.append((step, quarantine(manager, step, workdir), _first_line(e)))
+      continue
+
+    changes = []
+    if config is not None:
+      saved_cfg = meta.get("config")
+      if isinstance(saved_cfg, str):
+        try:
+          saved_cfg = json.loads(saved_cfg)
+        except json.JSONDecodeError:
+          saved_cfg = None
+      if isinstance(saved_cfg, dict):
+        changes = [c for c in config_changes(saved_cfg, config)
+                   if not c[0].startswith("init.")]
+    mismatch = structure_mismatch(saved_state_meta, abstract_state)
+    if mismatch:
+      raise CheckpointMismatchError(
+          f"cannot resume {manager.directory} step {step} with this config: the saved state "
+          f"has other arrays ({len(mismatch)} differ, e.g. {'; '.join(mismatch[:3])}). Changed "
+          f"config keys: {_format_changes(changes) or 'none recorded'}. Use a new --workdir "
+          "for a different model, or restore the original config.")
+    try:
+      restored = manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract_state),
+          data_iter=grain.checkpoint.CheckpointRestore(data_iter),
+          metadata=ocp.args.JsonRestore()))
+      state = restored["state"]
+      _check_saved_step(state, step)
+    except Exception as e:
+      damaged.append((step, quarantine(manager, step, workdir), _first_line(e)))
+      continue
+    for s, path, why in damaged:
+      log.warning("checkpoint step %d is damaged (%s); moved it to %s and resumed from step %d",
+                  s, why, path, step)
+    if changes:
+      log.warning("resuming step %d with a changed config: %s", step, _format_changes(changes))
+    return step, state, restored["metadata"]
+  for s, path, why in damaged:
+    log.warning("checkpoint step %d is damaged (%s); moved it to %s; no intact checkpoint is "
+                "left, starting from the initial parameters", s, why, path)
+  return None, None, None
+
+
+def _check_saved_step(state, step: int) -> None:
+  saved = getattr(state, "step", None)
+  if saved is not None and int(np.asarray(jax.device_get(saved))) != step:
+    raise ValueError(f"its train state holds step {int(np.asarray(jax.device_get(saved)))}")
 
 
 def abstract_like(tree: Any, shardings: Any) -> Any:

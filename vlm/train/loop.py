@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
 import time
 from typing import Any
 
@@ -100,9 +101,48 @@ def resolve_bert_dir(bert_dir: str) -> str:
   return bert_dir
 
 
+class Preempted(Exception):
+  """Raised internally when a preemption notice arrives before the first step."""
+
+
+def _compile_responsively(step_fn, args, preempt: "ckpt.PreemptionFlag", poll_s: float = 0.2):
+  """Lowers ``step_fn`` on ``args`` here, compiles it on a worker thread and waits for it while
+  watching ``preempt``, so a SIGTERM during a long compile is acted on at once.
+
+  Returns the compiled executable. Raises :class:`Preempted` if the flag is set first (the
+  daemon compile thread is abandoned); re-raises the compile error otherwise.
+  """
+  lowered = step_fn.lower(*args)
+  box: dict[str, Any] = {}
+
+  def work():
+    try:
+      box["compiled"] = lowered.compile()
+    except BaseException as e:  # surfaced in the main thread
+      box["error"] = e
+
+  worker = threading.Thread(target=work, name="vlm-compile", daemon=True)
+  worker.start()
+  while worker.is_alive():
+    if preempt.wait(poll_s):
+      raise Preempted()
+    worker.join(0)
+  if "error" in box:
+    raise box["error"]
+  return box["compiled"]
+
+
 def run(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | None = None
         ) -> dict[str, Any]:
-  """Trains per ``config`` in ``workdir``; resumes from the workdir's latest checkpoint.
+  """Trains per ``config`` in ``workdir``; resumes from the workdir's newest intact checkpoint.
+
+  Before anything compiles: the config, mesh and batch size are checked, the training data are
+  validated (bad records are counted skips), the held-out evaluation images are checked (a bad
+  one is an error now, not after training), and a checkpoint is restored (damaged ones are
+  moved to ``workdir/checkpoints_damaged``; a config whose state does not fit the checkpoint is
+  refused; other config changes are listed in a warning). SIGTERM is watched from the start:
+  during startup or the first compile it ends the run at once (nothing new to save); during
+  training it saves the current step and exits.
 
   Args:
     config: see ``configs/blip2/stage1.py``.
@@ -110,11 +150,30 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | No
     stop_after: behave as if preempted once this many steps have run in total (tests of
       preemption and exact resume).
   Returns a dict with the final ``step``, the last logged ``train_metrics``, ``stopped_by``,
-  ``eval`` results (when run) and the final ``state``.
+  ``eval`` results (when run) and the final ``state`` (None if stopped before the first step).
   Raises:
     ValueError: invalid config, mesh or batch size (before anything compiles).
+    vlm.data.image.BadSampleError: a bad held-out evaluation image (before anything compiles).
+    ckpt.CheckpointMismatchError: the workdir's checkpoint does not fit this config.
+    ckpt.CheckpointSaveError: a checkpoint could not be written (disk full...); the last good
+      checkpoint is kept and named.
     NonFiniteLossError: NaN/inf loss (the message names the step).
   """
+  preempt = ckpt.PreemptionFlag()
+  try:
+    return _run(config, workdir, stop_after, preempt)
+  finally:
+    preempt.restore_handlers()
+
+
+def _stopped_early(preempt, step) -> dict[str, Any]:
+  name = preempt.signal_name or "preemption"
+  log.warning("%s received before the first step: nothing new to save (the workdir's checkpoint "
+              "is at step %s), exiting", name, "none" if step is None else step)
+  return {"step": step or 0, "train_metrics": {}, "stopped_by": name, "state": None}
+
+
+def _run(config, workdir, stop_after, preempt) -> dict[str, Any]:
   from vlm.data import pipeline as data_pipeline
   from vlm.objectives.stage1 import blip2_stage1_loss
   from vlm.train import evaluators
@@ -131,6 +190,12 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | No
   data_stats = loader.loader_stats
   data_iter = iter(loader)
   log.info("training data: %s", data_stats)
+  if config.eval.at_end:
+    for split in config.eval.splits:
+      summary = data_pipeline.validate_retrieval_split(config.data, split)
+      log.info("evaluation split %s: %s", split, summary)
+  if preempt.is_set():
+    return _stopped_early(preempt, None)
 
   s = config.data.image_size
   t = config.data.max_text_len
@@ -143,16 +208,25 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | No
   manager = ckpt.make_manager(workdir, save_interval_steps=config.checkpoint.every_steps,
                               max_to_keep=config.checkpoint.max_to_keep,
                               async_save=config.checkpoint.async_save)
-  latest = manager.latest_step()
+  has_checkpoint = bool(manager.all_steps())
   with nn.logical_axis_rules(rules):
     state, state_shardings, mask = step_lib.create_train_state(
         model, init_args, init_rng, tx, list(config.optim.frozen), mesh, rules,
-        params_transform=None if latest is not None else _init_transform(config, model))
-  if latest is not None:
+        params_transform=None if has_checkpoint else _init_transform(config, model))
+  latest = None
+  if has_checkpoint:
     abstract = ckpt.abstract_like(state, state_shardings)
     del state
-    state, meta = ckpt.restore(manager, latest, abstract, data_iter)
-    log.info("resumed from step %d in %s", latest, workdir)
+    latest, state, _ = ckpt.restore_latest(
+        manager, abstract, data_iter, workdir=workdir,
+        config=json.loads(config.to_json_best_effort()))
+    if latest is None:  # every checkpoint was damaged and moved aside: start over.
+      with nn.logical_axis_rules(rules):
+        state, state_shardings, mask = step_lib.create_train_state(
+            model, init_args, init_rng, tx, list(config.optim.frozen), mesh, rules,
+            params_transform=_init_transform(config, model))
+    else:
+      log.info("resumed from step %d in %s", latest, workdir)
   n_train = sum(int(np.prod(v.shape)) for v in jax.tree.leaves(optim.partition(state.params,
                                                                                 mask)[0]))
   n_total = sum(int(np.prod(v.shape)) for v in jax.tree.leaves(state.params))
@@ -162,14 +236,12 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | No
   first = next(data_iter)
   step_fn = step_lib.jit_train_step(model, tx, mask, blip2_stage1_loss, loss_kwargs,
                                     state_shardings, mesh, rules, first)
-  schedule = optim.learning_rate_schedule(config.optim)
-  writer = metrics_lib.MetricWriter(workdir)
-  preempt = ckpt.PreemptionFlag()
   start = int(jax.device_get(state.step))
-  bar = metrics_lib.progress_bar(config.total_steps, start)
+  schedule = optim.learning_rate_schedule(config.optim)
+  writer = metrics_lib.MetricWriter(workdir, start_step=start)
+  bar = None
   pending = None  # (step, metrics) of the previous step, checked one step late (no stall).
   last_logged: dict[str, float] = {}
-  window_t0, window_images = time.perf_counter(), 0
   batch_np = first
   stopped_by = None
 
@@ -193,14 +265,27 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | No
       raise NonFiniteLossError(f"non-finite loss {loss} at step {step} (metrics {parts}); the "
                                "last good checkpoint is in " + os.path.join(workdir, "checkpoints"))
 
+  final_step = start
   try:
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+      if start < config.total_steps:
+        try:
+          step_fn = _compile_responsively(
+              step_fn, (state, mesh_lib.global_batch_from_host(batch_np, mesh, rules), step_rng),
+              preempt)
+        except Preempted:
+          writer.close()
+          manager.close()
+          return _stopped_early(preempt, latest)
+      bar = metrics_lib.progress_bar(config.total_steps, start)
+      window_t0, window_images = time.perf_counter(), 0
       for step in range(start, config.total_steps):
         batch = mesh_lib.global_batch_from_host(batch_np, mesh, rules)
         state, m = step_fn(state, batch, step_rng)
         if pending is not None:
           check(pending)
         pending = (step, m)
+        ckpt.check_background_save(manager)
         window_images += config.global_batch_size
         done = step + 1
         if done % config.log_every_steps == 0 or done == config.total_steps:
@@ -230,10 +315,14 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | No
         check(pending)
       final_step = int(jax.device_get(state.step))
       save(final_step, force=True)
+      ckpt.wait_for_saves(manager)
   finally:
-    manager.wait_until_finished()
-    bar.close()
-    preempt.restore_handlers()
+    try:
+      manager.wait_until_finished()
+    except Exception:  # pylint: disable=broad-except
+      pass  # already reported by wait_for_saves / check_background_save on the normal path
+    if bar is not None:
+      bar.close()
 
   results: dict[str, Any] = {"step": final_step, "train_metrics": last_logged,
                              "stopped_by": stopped_by, "state": state}

@@ -17,34 +17,7 @@ import pytest
 
 from vlm.train import loop
 
-import importlib.util
-_spec = importlib.util.spec_from_file_location(
-    "stage1_config", os.path.join(os.path.dirname(__file__), "..", "configs", "blip2",
-                                  "stage1.py"))
-stage1_config = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(stage1_config)
-
-
-def micro_config(total_steps=4, **over):
-  c = stage1_config.get_config("tiny")
-  c.model.preset = "blip2_micro"
-  c.init.bert_dir = ""
-  c.data.image_size = 32
-  c.total_steps = total_steps
-  c.global_batch_size = 8
-  c.optim.warmup_steps = 1
-  c.checkpoint.every_steps = 2
-  c.checkpoint.async_save = True
-  c.log_every_steps = 1
-  c.eval.at_end = False
-  c.mesh.shape = {"data": 1, "fsdp": -1, "tensor": 1}
-  for k, v in over.items():
-    node = c
-    *parts, last = k.split(".")
-    for p in parts:
-      node = node[p]
-    node[last] = v
-  return c
+from tests.train.micro import micro_config
 
 
 def test_run_writes_metrics_checkpoints_and_eval(tmp_path):
@@ -87,19 +60,15 @@ def test_resume_after_preemption_is_exact(tmp_path):
 
 
 def test_sigterm_saves_and_exits(tmp_path, monkeypatch):
-  from vlm.train import checkpoint as ckpt
-  real = ckpt.PreemptionFlag
+  from vlm.train import metrics as metrics_lib
+  real = metrics_lib.MetricWriter.write
 
-  class SelfSignalling(real):
-    calls = 0
+  def write_then_signal(self, step, scalars, prefix="train"):
+    real(self, step, scalars, prefix)
+    if step == 1:
+      os.kill(os.getpid(), signal.SIGTERM)
 
-    def is_set(self):
-      SelfSignalling.calls += 1
-      if SelfSignalling.calls == 1:
-        os.kill(os.getpid(), signal.SIGTERM)
-      return super().is_set()
-
-  monkeypatch.setattr(ckpt, "PreemptionFlag", SelfSignalling)
+  monkeypatch.setattr(metrics_lib.MetricWriter, "write", write_then_signal)
   res = loop.run(micro_config(), str(tmp_path))
   assert res["stopped_by"] == "SIGTERM" and res["step"] == 1
   assert "1" in os.listdir(tmp_path / "checkpoints")
