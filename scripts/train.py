@@ -43,4 +43,9 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  from vlm.train.cli import ConfigError, check_config_argv  # noqa: E402
+  try:
+    check_config_argv(sys.argv)
+  except ConfigError as e:
+    sys.exit(f"error: {e}")
   app.run(main)

@@ -66,7 +66,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Mesh: sizes multiply to the device count; -1 takes the rest. Rules map logical axis names
   # to mesh axes (None = vlm.parallel.DEFAULT_RULES).
   c.mesh = ml_collections.ConfigDict(dict(
-      shape={"data": 1, "fsdp": -1, "tensor": 1}, rules=None))
+      shape={"data": 1, "fsdp": -1, "tensor": 1, "expert": 1}, rules=None))
 
   c.checkpoint = ml_collections.ConfigDict(dict(
       every_steps={"tiny": 25, "small": 500, "vitg": 2000}[variant], max_to_keep=3,
