@@ -40,6 +40,13 @@ def main(argv):
   from vlm.train import loop
   results = loop.run(FLAGS.config, FLAGS.workdir)
   logging.info("finished at step %d", results["step"])
+  if results["stopped_by"] and results["state"] is None:
+    # Preempted during startup or the first compile: the compile thread is abandoned, and letting
+    # the interpreter tear it down mid-compile aborts the process. Nothing is left to save.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":
