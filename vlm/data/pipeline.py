@@ -12,6 +12,10 @@ Each process yields numpy batches ``{"pixel_values": float32 [b, S, S, 3], "inpu
 [b, T], "attention_mask": int32 [b, T], "image_id": int32 [b]}`` with ``b = global_batch_size //
 process_count``. The iterator (``iter(loader)``) has ``get_state() -> bytes`` / ``set_state``
 and is saved with orbax through :func:`iterator_checkpoint_args`.
+
+Evaluation: :func:`build_retrieval_eval_data` loads a whole split and never skips (ground truth
+must be complete); :func:`validate_retrieval_split` runs its image and caption checks cheaply so
+the trainer can fail before the first step instead of after training.
 """
 from __future__ import annotations
 
@@ -27,7 +31,7 @@ import numpy as np
 from vlm.data import image as image_lib
 from vlm.data.paths import resolve_path
 from vlm.data.sources import CocoCaptionsSource, SubsetSource, load_coco_retrieval
-from vlm.data.text import Blip2Tokenizer, pre_caption
+from vlm.data.text import Blip2Tokenizer, caption_problem, pre_caption
 
 _ON_BAD_SAMPLE = ("skip", "raise")
 _VALIDATE_IMAGES = ("decode", "header")
@@ -64,7 +68,9 @@ class DataStats:
     n_kept: records that stream.
     n_skipped: records dropped (``n_records - n_kept``).
     reasons: count per reason: ``"missing_image"``, ``"empty_image"``, ``"corrupt_image"``,
-      ``"empty_caption"``.
+      ``"empty_caption"`` (no visible character after ``pre_caption``, see
+      :func:`vlm.data.text.has_visible_text`), ``"invalid_text"`` (a lone surrogate that cannot
+      be UTF-8 encoded / tokenized).
     examples: up to 20 ``(record index, image path, reason)`` of dropped records.
   """
   n_records: int
@@ -88,7 +94,11 @@ def validate_records(
   """Scans every record once and finds the usable ones (deterministic, done at build time).
 
   A record is bad if its image is missing, empty (0 bytes) or not decodable by Pillow, or its
-  caption is empty after :func:`pre_caption`. Each distinct image file is checked once.
+  caption is unusable (:func:`vlm.data.text.caption_problem`): ``"invalid_text"`` if the raw
+  caption holds a lone surrogate (would crash the tokenizer), ``"empty_caption"`` if nothing
+  visible is left after :func:`pre_caption` (only whitespace, control, zero-width/format or
+  combining characters). Image problems take precedence. Each distinct image file is checked
+  once.
 
   Args:
     source: records with ``image_path`` and ``caption``.
@@ -123,10 +133,12 @@ def validate_records(
     if status is not None:
       reason = f"{status}_image"
       detail = f"image file {status}: {rec['image_path']}"
-    elif not pre_caption(rec["caption"], max_words):
-      reason = "empty_caption"
-      detail = (f"caption_id={rec['caption_id']} (image {rec['image_path']}) is empty after "
-                f"pre_caption: {rec['caption']!r}")
+    else:
+      problem = caption_problem(
+          rec["caption"], max_words,
+          where=f"caption_id={rec['caption_id']} (image {rec['image_path']})")
+      if problem is not None:
+        reason, detail = problem
     if reason is None:
       kept.append(i)
       continue
@@ -351,6 +363,89 @@ def iterator_checkpoint_args(iterator, save: bool):
   return grain.checkpoint.CheckpointRestore(item=iterator)
 
 
+def _retrieval_caption_problems(data: dict[str, Any], max_words: int) -> list[str]:
+  """Messages for the unusable captions of a :func:`load_coco_retrieval` split (all of them)."""
+  problems = []
+  for t, (text, caption_id) in enumerate(zip(data["texts"], data["text_ids"])):
+    image = data["image_paths"][int(data["txt2img"][t])]
+    problem = caption_problem(text, max_words,
+                              where=f"text {t} (caption_id={int(caption_id)}, image {image})")
+    if problem is not None:
+      problems.append(f"{problem[0]}: {problem[1]}")
+  return problems
+
+
+def _raise_bad_split(split: str, ann: str, n_images: int, n_texts: int,
+                     bad_images: Sequence[str], bad_texts: Sequence[str]) -> None:
+  """Raises one BadSampleError listing (the first 20 of) every bad image and caption."""
+  def listing(items):
+    more = len(items) - _MAX_REPORTED
+    return "; ".join(items[:_MAX_REPORTED]) + (f"; ... and {more} more" if more > 0 else "")
+
+  parts = []
+  if bad_images:
+    parts.append(f"{len(bad_images)} of {n_images} image files are bad [{listing(bad_images)}]")
+  if bad_texts:
+    parts.append(f"{len(bad_texts)} of {n_texts} captions are bad [{listing(bad_texts)}]")
+  raise image_lib.BadSampleError(
+      f"retrieval split {split!r} ({ann}) cannot be evaluated: {', and '.join(parts)}. Retrieval "
+      "ground truth must be complete, so evaluation never skips samples: replace or re-encode "
+      "the bad image files, fix or remove those captions (or their images) in the annotation "
+      f"file, or point data_cfg.root / {split}_annotations at a clean split.")
+
+
+def validate_retrieval_split(data_cfg: Any, split: str = "val", *,
+                             num_threads: int = 8) -> dict[str, Any]:
+  """Checks a retrieval split up front (call before training so a bad held-out image or caption
+  fails at step 0, not in the evaluation after training).
+
+  Parses the annotation file (:func:`load_coco_retrieval`), checks every distinct image file of
+  the split with :func:`vlm.data.image.check_image_file` (full decode, or header + ``verify()``
+  when ``data_cfg.validate_images == "header"``; ``num_threads`` threads) and every caption
+  with :func:`vlm.data.text.caption_problem` (``data_cfg.max_words``), i.e. exactly what
+  :func:`build_retrieval_eval_data` would reject. Nothing is resized or tokenized.
+
+  Args:
+    data_cfg: data ConfigDict (``root``, ``{split}_annotations``, ``image_dir``,
+      ``validate_images``, ``max_words``).
+    split: ``"val"`` or ``"train"``.
+    num_threads: threads used to check image files.
+
+  Returns:
+    ``{"split": str, "annotation_file": str (resolved path), "num_images": int (N_img, captioned
+    images), "num_texts": int (N_txt)}``.
+
+  Raises:
+    BadSampleError: if any image is missing / empty / corrupt or any caption is empty or
+      invalid; one message names the split, the annotation file, the counts, the first 20 bad
+      files (with the reason) and the first 20 bad captions (text index, caption id, image),
+      and the fix.
+    FileNotFoundError / ValueError: annotation file missing or malformed (as
+      :func:`load_coco_retrieval`), bad ``split`` or ``validate_images`` value.
+  """
+  validate_images = _get(data_cfg, "validate_images", "decode")
+  if validate_images not in _VALIDATE_IMAGES:
+    raise ValueError(f"validate_images must be one of {_VALIDATE_IMAGES}, got "
+                     f"{validate_images!r}")
+  ann, image_dir = _split_paths(data_cfg, split)
+  data = load_coco_retrieval(ann, image_dir)
+  decode = validate_images == "decode"
+  paths = list(dict.fromkeys(data["image_paths"]))
+  with concurrent.futures.ThreadPoolExecutor(max(1, num_threads)) as pool:
+    statuses = list(pool.map(lambda p: image_lib.check_image_file(p, decode=decode), paths))
+  bad_images = [f"{status}: {path}" for path, status in zip(paths, statuses) if status is not None]
+  bad_texts = _retrieval_caption_problems(data, int(_get(data_cfg, "max_words", 50)))
+  if bad_images or bad_texts:
+    _raise_bad_split(split, resolve_path(ann), len(data["image_paths"]), len(data["texts"]),
+                     bad_images, bad_texts)
+  return {
+      "split": split,
+      "annotation_file": resolve_path(ann),
+      "num_images": len(data["image_paths"]),
+      "num_texts": len(data["texts"]),
+  }
+
+
 def build_retrieval_eval_data(data_cfg: Any, split: str = "val",
                               num_threads: int = 8) -> dict[str, Any]:
   """Loads a whole retrieval split for evaluation (spec §7.1, LAVIS ``compute_sim_matrix``).
@@ -370,14 +465,21 @@ def build_retrieval_eval_data(data_cfg: Any, split: str = "val",
     ``image_paths`` list[str].
 
   Raises:
-    BadSampleError: an image is missing/empty/corrupt (retrieval ground truth must be complete,
-      so eval never skips); the message names the file.
+    BadSampleError: an image is missing/empty/corrupt, or a caption is empty / invalid (see
+      :func:`vlm.data.text.caption_problem`; all such captions are named, checked before any
+      image is decoded). Retrieval ground truth must be complete, so eval never skips; the
+      message names the file or the records. :func:`validate_retrieval_split` runs the same
+      checks cheaply before training.
     FileNotFoundError / ValueError: as :func:`load_coco_retrieval`.
   """
   ann, image_dir = _split_paths(data_cfg, split)
   data = load_coco_retrieval(ann, image_dir)
   size = int(_get(data_cfg, "image_size", 224))
   max_words = int(_get(data_cfg, "max_words", 50))
+  bad_texts = _retrieval_caption_problems(data, max_words)
+  if bad_texts:
+    _raise_bad_split(split, resolve_path(ann), len(data["image_paths"]), len(data["texts"]), (),
+                     bad_texts)
   tokenizer = Blip2Tokenizer(_get(data_cfg, "vocab_file",
                                   "vlm/assets/tokenizers/bert-base-uncased/vocab.txt"))
 

@@ -931,15 +931,42 @@ class Qwen3Tokenizer:
     """Id of ``token`` or None."""
     return self._tok.token_to_id(token)
 
-  def encode(self, text: str) -> list[int]:
-    """Token ids of ``text`` (no special tokens added); ValueError if ``text`` is not a str."""
+  @staticmethod
+  def _check_text(text: Any, where: str) -> None:
+    """Raises ValueError naming ``where`` if ``text`` is not a str or holds a lone surrogate."""
     if not isinstance(text, str):
-      raise ValueError(f"encode expects a str, got {type(text).__name__}")
+      raise ValueError(f"{where} must be a str, got {type(text).__name__}: {text!r}")
+    try:
+      text.encode("utf-8")
+    except UnicodeEncodeError as e:
+      raise ValueError(
+          f"{where} contains a lone surrogate U+{ord(text[e.start]):04X} at character "
+          f"{e.start}, which cannot be encoded as UTF-8 (a JSON '\\ud8xx' escape without its "
+          f"pair?): {text[max(0, e.start - 20):e.start + 20]!r}. Fix or drop that text.") from None
+
+  def encode(self, text: str) -> list[int]:
+    """Token ids of ``text`` (no special tokens added).
+
+    Raises:
+      ValueError: if ``text`` is not a str, or holds a lone surrogate (U+D800..U+DFFF, not UTF-8
+        encodable); the message gives the character position.
+    """
+    self._check_text(text, "text")
     return self._tok.encode(text, add_special_tokens=False).ids
 
   def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-    """Token ids for each string (parallel in Rust)."""
-    return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
+    """Token ids for each string (parallel in Rust).
+
+    Raises:
+      ValueError: if ``texts`` is a single str (use :meth:`encode`), or ``texts[i]`` is not a str
+        or holds a lone surrogate; the message names ``i`` and the character position.
+    """
+    if isinstance(texts, str):
+      raise ValueError("encode_batch expects a sequence of str, got one str (use encode)")
+    texts = list(texts)
+    for i, text in enumerate(texts):
+      self._check_text(text, f"texts[{i}]")
+    return [e.ids for e in self._tok.encode_batch(texts, add_special_tokens=False)]
 
   def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
     """Text of ``ids``."""

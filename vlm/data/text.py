@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import re
+import unicodedata
 from typing import Sequence
 
 import numpy as np
@@ -60,6 +61,95 @@ def pre_caption(text: str, max_words: int = 50, prompt: str = "") -> str:
   if len(words) > max_words:
     caption = " ".join(words[:max_words])
   return prompt + caption
+
+
+def find_unencodable_char(text: str) -> int | None:
+  """Index of the first character of ``text`` that cannot be encoded as UTF-8, or None.
+
+  Only lone surrogates (U+D800..U+DFFF) qualify: valid JSON such as ``"\\ud800"`` (an escape
+  without its pair) decodes to a Python str holding one, and the Rust tokenizers then fail with
+  a TypeError that names no text.
+
+  Args:
+    text: a str.
+
+  Returns:
+    The character index (not byte offset) of the first lone surrogate, or None.
+  """
+  try:
+    text.encode("utf-8")
+  except UnicodeEncodeError as e:
+    return e.start
+  return None
+
+
+def describe_unencodable(text: str, where: str) -> str | None:
+  """Error message naming ``where``, the position and code point of ``text``'s first lone
+  surrogate (see :func:`find_unencodable_char`), or None if ``text`` is valid UTF-8 text."""
+  pos = find_unencodable_char(text)
+  if pos is None:
+    return None
+  return (f"{where} contains a lone surrogate U+{ord(text[pos]):04X} at character {pos}, which "
+          "cannot be encoded as UTF-8 (a JSON '\\ud8xx' escape without its pair?): "
+          f"{text[max(0, pos - 20):pos + 20]!r}. Fix or drop that text.")
+
+
+def has_visible_text(text: str) -> bool:
+  """Whether ``text`` holds at least one visible character.
+
+  Rule: a character is visible iff its ``unicodedata`` general category is a letter, number,
+  punctuation or symbol (``L*``, ``N*``, ``P*``, ``S*``) and it is not U+FFFD (the replacement
+  character, which ``BertNormalizer`` deletes). Invisible are: controls ``Cc`` (C0/C1, NUL),
+  format ``Cf`` (U+200B..U+200F, U+2060, U+FEFF, bidi marks/embeddings/isolates, tag
+  characters), surrogates ``Cs``, private use ``Co``, unassigned ``Cn``, separators ``Zs`` /
+  ``Zl`` / ``Zp`` (incl. U+00A0, U+3000, U+2028) and marks ``Mn`` / ``Mc`` / ``Me`` (combining
+  marks with no base character). This is a superset of what the BERT normalizer strips
+  (``clean_text`` drops ``C*`` and U+FFFD, maps whitespace to spaces, ``strip_accents`` drops
+  ``Mn``), so a text the tokenizer would turn into bare ``[CLS] [SEP]`` is never "visible"
+  (checked over every code point in the tests); it also rejects texts of only unassigned code
+  points or combining marks, which would tokenize to ``[UNK]`` only. Categories follow the
+  Python ``unicodedata`` version (``unicodedata.unidata_version``).
+
+  Args:
+    text: a str (typically the output of :func:`pre_caption`).
+
+  Returns:
+    True if some character is visible; False for "", whitespace, or only invisible characters.
+  """
+  for ch in text:
+    if ch != "\ufffd" and unicodedata.category(ch)[0] in "LNPS":
+      return True
+  return False
+
+
+def caption_problem(caption: str, max_words: int = 50,
+                    where: str = "the caption") -> tuple[str, str] | None:
+  """Why a raw caption cannot be trained on / evaluated, or None if it is usable.
+
+  Args:
+    caption: raw caption (before :func:`pre_caption`).
+    max_words: ``pre_caption`` word limit.
+    where: how the message names the caption (e.g. ``"caption_id=7 (image a.jpg)"``).
+
+  Returns:
+    None, or ``(reason, message)`` with reason ``"invalid_text"`` (a lone surrogate, see
+    :func:`find_unencodable_char`; checked on the raw caption, the message gives the character
+    position) or ``"empty_caption"`` (no visible character after ``pre_caption``, see
+    :func:`has_visible_text`).
+
+  Raises:
+    ValueError: if ``caption`` is not a str.
+  """
+  if not isinstance(caption, str):
+    raise ValueError(f"{where} must be a str, got {type(caption).__name__}: {caption!r}")
+  msg = describe_unencodable(caption, where)
+  if msg is not None:
+    return "invalid_text", msg
+  if not has_visible_text(pre_caption(caption, max_words)):
+    return "empty_caption", (f"{where} is empty after pre_caption (no visible character: only "
+                             "whitespace, control, format or combining characters, or the "
+                             f"punctuation . ! \" ( ) * # : ; ~ it removes): {caption!r}")
+  return None
 
 
 def _read_vocab(vocab_file: str) -> dict[str, int]:
@@ -130,7 +220,17 @@ class Blip2Tokenizer:
     return f"Blip2Tokenizer(vocab_file={self.vocab_file!r})"
 
   def encode_ids(self, text: str) -> list[int]:
-    """``[CLS] wordpieces [SEP]`` ids of one text, no truncation or padding."""
+    """``[CLS] wordpieces [SEP]`` ids of one text, no truncation or padding.
+
+    Raises:
+      ValueError: if ``text`` is not a str or holds a lone surrogate (names the character
+        position).
+    """
+    if not isinstance(text, str):
+      raise ValueError(f"text is {type(text).__name__}, expected str: {text!r}")
+    msg = describe_unencodable(text, "text")
+    if msg is not None:
+      raise ValueError(msg)
     return self._tokenizer.encode(text).ids
 
   def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
@@ -151,7 +251,9 @@ class Blip2Tokenizer:
       ``(input_ids, attention_mask)``, both int32 [N, T]; mask is 1 on real tokens, 0 on padding.
 
     Raises:
-      ValueError: if ``max_length`` < 2 or an element of ``texts`` is not a str.
+      ValueError: if ``max_length`` < 2, or an element of ``texts`` is not a str or holds a
+        lone surrogate (not UTF-8 encodable); the message names the index ``texts[i]`` and the
+        character position.
     """
     if isinstance(texts, str):
       texts = [texts]
@@ -161,6 +263,9 @@ class Blip2Tokenizer:
     for i, t in enumerate(texts):
       if not isinstance(t, str):
         raise ValueError(f"texts[{i}] is {type(t).__name__}, expected str: {t!r}")
+      msg = describe_unencodable(t, f"texts[{i}]")
+      if msg is not None:
+        raise ValueError(msg)
     input_ids = np.zeros((len(texts), max_length), dtype=np.int32)
     attention_mask = np.zeros((len(texts), max_length), dtype=np.int32)
     if not texts:
