@@ -11,6 +11,13 @@ width, ``Q`` query tokens, ``T`` text tokens, ``D`` Q-Former width, ``E`` ITC fe
 The ITG pass is one pass over ``[Q; T]`` with the UniLM mask of spec section 2.4 instead of
 LAVIS's KV-cache reuse; both give the same outputs because queries never attend to text (spec
 section 3.4; checked in tests/equivalence/test_blip2_qformer.py).
+
+float16 (``dtype=jnp.float16``): supported, computed safely (decisions in
+:mod:`vlm.models.eva_vit`, :mod:`vlm.models.qformer`, ``vlm.nn.layers``). The heads here: the ITG
+transform ``dense`` + GELU are float32 (wide) before their LayerNorm, the tied decoder
+(``Embed.attend``) accumulates and returns float32, so ``itg_logits`` are float32; the ITC
+features are L2-normalised in float32 (values in [-1, 1]) and the ITC similarities are computed in
+float32 by ``vlm.objectives.itc``. bfloat16 and float32 compute what they did before.
 """
 from __future__ import annotations
 
@@ -98,7 +105,7 @@ class _LMTransform(nn.Module):
   def __call__(self, h):
     cfg = self.config
     h = layers.Dense(cfg.hidden_size, kernel_axes=(P.EMBED, P.MLP), name="dense", dtype=self.dtype,
-                     param_dtype=self.param_dtype,
+                     param_dtype=self.param_dtype, wide_float16=True,
                      kernel_init=nn.initializers.normal(cfg.initializer_range))(h)
     h = layers.activation(cfg.hidden_act)(h)
     return layers.LayerNorm(epsilon=cfg.layer_norm_eps, name="LayerNorm", dtype=self.dtype,

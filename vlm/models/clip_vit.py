@@ -19,6 +19,9 @@ Parameter tree::
   encoder/layers_{i}/{layer_norm1, self_attn/{q_proj,k_proj,v_proj,out_proj}, layer_norm2,
                       mlp/{fc1, fc2}}
   post_layernorm
+
+float16: as the EVA tower (:mod:`vlm.models.eva_vit`): float32 scores and residual stream, wide
+``fc1``/``fc2``/``out_proj`` (the MLP and ``VisionEncoder`` are shared); safe, not refused.
 """
 from __future__ import annotations
 
@@ -40,7 +43,8 @@ Dtype = Any
 class ClipAttention(nn.Module):
   """Multi-head self-attention with separate q/k/v/out projections, all with bias.
 
-  Scores ``q k^T * hd**-0.5``, no mask. Shapes: [B, L, Dv] -> [B, L, Dv].
+  Scores ``q k^T * hd**-0.5`` (float32), no mask. Shapes: [B, L, Dv] -> [B, L, Dv] in ``dtype``
+  (float32 for float16 compute: ``out_proj`` is wide).
   """
   config: Blip2VisionConfig
   dtype: Dtype = jnp.float32
@@ -57,8 +61,8 @@ class ClipAttention(nn.Module):
     v = layers.Dense(d, kernel_axes=(P.EMBED, P.HEADS), name="v_proj", **kw)(x)
     split = lambda t: t.reshape(b, l, h, d // h)
     out = dot_product_attention(split(q), split(k), split(v), dtype=self.dtype)
-    return layers.Dense(d, kernel_axes=(P.HEADS, P.EMBED), name="out_proj", **kw)(
-        out.reshape(b, l, d))
+    return layers.Dense(d, kernel_axes=(P.HEADS, P.EMBED), name="out_proj", wide_float16=True,
+                        **kw)(out.reshape(b, l, d))
 
 
 class ClipBlock(EvaBlock):
@@ -79,12 +83,14 @@ class ClipVisionModel(nn.Module):
 
   Attributes:
     config: a ``Blip2VisionConfig`` with ``kind == "clip"``.
-    dtype: computation dtype (LayerNorm statistics and softmax stay float32).
+    dtype: computation dtype (LayerNorm statistics, attention scores and softmax stay float32;
+      float16 as in the module docstring).
     param_dtype: parameter storage dtype.
     remat: rematerialise each block.
   Call: ``pixel_values`` float [B, S, S, C] NHWC -> ``image_embeds`` [B, N+1, Dv] in ``dtype``.
     With ``return_pre_post_layernorm=True`` returns the blocks' output before ``post_layernorm``
-    instead (= HF ``CLIPVisionModel`` ``last_hidden_state``).
+    instead (= HF ``CLIPVisionModel`` ``last_hidden_state``; float32 for float16 compute, the
+    residual dtype).
   Raises:
     ValueError: when ``config.kind`` is not "clip", or ``pixel_values`` does not have shape
       [B, image_size, image_size, num_channels] (checked before any compute).

@@ -18,6 +18,14 @@ Parameter tree (mirrors HF keys; see /work/coord/CONTRACT.md)::
 
 :class:`VisionEmbeddings`, :class:`VisionMlp` and :func:`validate_pixel_values` are shared with the
 CLIP tower in :mod:`vlm.models.clip_vit`.
+
+float16 (``dtype=jnp.float16``; LAVIS runs this tower in fp16 by default): computed safely, not
+refused. Attention scores are float32 (``vlm.nn.attention``); the residual stream between the
+blocks is float32 (:func:`vlm.nn.layers.residual_dtype`); ``fc1``, the GELU, ``fc2`` and the
+attention output projection produce float32 (``Dense(wide_float16=True)``: float16 x float16
+products with float32 accumulation, input rows pre-scaled into float16 range), so an MLP
+intermediate or a residual channel above 65,504 stays finite; the patch embedding accumulates in
+float32. ``post_layernorm`` returns ``dtype``. bfloat16 and float32 compute what they did before.
 """
 from __future__ import annotations
 
@@ -122,7 +130,9 @@ class PatchEmbedding(nn.Module):
                         (p, p, c, self.features), self.param_dtype)
     gh, gw = h // p, w // p
     x = jnp.asarray(x, self.dtype).reshape(b, gh, p, gw, p, c)
-    y = jnp.einsum("bhiwjc,ijcd->bhwd", x, jnp.asarray(kernel, self.dtype))
+    y = jnp.einsum("bhiwjc,ijcd->bhwd", x, jnp.asarray(kernel, self.dtype),
+                   preferred_element_type=layers.wide_dtype(self.dtype))
+    y = jnp.asarray(y, self.dtype)
     y = y.reshape(b, gh * gw, self.features)
     if self.use_bias:
       bias = self.param("bias", P.with_axes(nn.initializers.zeros, (P.EMBED,)),
@@ -134,7 +144,8 @@ class PatchEmbedding(nn.Module):
 class VisionMlp(nn.Module):
   """``fc2(act(fc1(x)))`` with ``act = vlm.nn.layers.activation(config.hidden_act)``.
 
-  Shapes: [B, L, Dv] -> [B, L, Dv]; fc1 kernel (EMBED, MLP), fc2 kernel (MLP, EMBED).
+  Shapes: [B, L, Dv] -> [B, L, Dv] in ``dtype`` (float32 for float16 compute: fc1, the
+  activation and fc2 stay wide, module docstring); fc1 kernel (EMBED, MLP), fc2 kernel (MLP, EMBED).
   """
   config: Blip2VisionConfig
   dtype: Dtype = jnp.float32
@@ -145,10 +156,10 @@ class VisionMlp(nn.Module):
     cfg = self.config
     act = layers.activation(cfg.hidden_act)
     h = layers.Dense(cfg.intermediate_size, kernel_axes=(P.EMBED, P.MLP), dtype=self.dtype,
-                     param_dtype=self.param_dtype, name="fc1")(x)
+                     param_dtype=self.param_dtype, wide_float16=True, name="fc1")(x)
     h = act(h)
     return layers.Dense(cfg.hidden_size, kernel_axes=(P.MLP, P.EMBED), dtype=self.dtype,
-                        param_dtype=self.param_dtype, name="fc2")(h)
+                        param_dtype=self.param_dtype, wide_float16=True, name="fc2")(h)
 
 
 class EvaAttention(nn.Module):
@@ -156,8 +167,8 @@ class EvaAttention(nn.Module):
 
   ``qkv`` [Dv, 3Dv] has rows of the HF weight ordered [q | k | v], heads contiguous inside each
   third; its bias [3Dv] (when ``config.qkv_bias``) is HF's ``cat(q_bias, 0, v_bias)`` but is a free
-  parameter here as in HF. Scores are ``q k^T * hd**-0.5``, no mask (spec section 1.1).
-  Shapes: [B, L, Dv] -> [B, L, Dv].
+  parameter here as in HF. Scores are ``q k^T * hd**-0.5`` (float32), no mask (spec section 1.1).
+  Shapes: [B, L, Dv] -> [B, L, Dv] in ``dtype`` (float32 for float16 compute).
   """
   config: Blip2VisionConfig
   dtype: Dtype = jnp.float32
@@ -175,7 +186,7 @@ class EvaAttention(nn.Module):
     out = dot_product_attention(q, k, v, dtype=self.dtype)
     out = out.reshape(b, l, d)
     return layers.Dense(d, kernel_axes=(P.HEADS, P.EMBED), dtype=self.dtype,
-                        param_dtype=self.param_dtype, name="projection")(out)
+                        param_dtype=self.param_dtype, wide_float16=True, name="projection")(out)
 
 
 class EvaBlock(nn.Module):
@@ -207,7 +218,8 @@ class VisionEncoder(nn.Module):
   Attributes:
     block: the block class (:class:`EvaBlock` or the CLIP block).
     remat: wrap each block in ``nn.remat`` (recompute activations in the backward pass).
-  Shapes: [B, L, Dv] -> [B, L, Dv].
+  Shapes: [B, L, Dv] -> [B, L, Dv] in :func:`vlm.nn.layers.residual_dtype` of ``dtype`` (the
+  input is cast to it first: float32 for float16 compute).
   """
   config: Blip2VisionConfig
   block: Any
@@ -218,6 +230,7 @@ class VisionEncoder(nn.Module):
   @nn.compact
   def __call__(self, x):
     block_cls = nn.remat(self.block) if self.remat else self.block
+    x = jnp.asarray(x, layers.residual_dtype(self.dtype))
     for i in range(self.config.num_hidden_layers):
       x = block_cls(self.config, dtype=self.dtype, param_dtype=self.param_dtype,
                     name=f"layers_{i}")(x)
@@ -233,7 +246,8 @@ class EvaVisionModel(nn.Module):
 
   Attributes:
     config: a ``Blip2VisionConfig`` with ``kind == "eva"``.
-    dtype: computation dtype (LayerNorm statistics and softmax stay float32).
+    dtype: computation dtype (LayerNorm statistics, attention scores and softmax stay float32;
+      float16 as in the module docstring).
     param_dtype: parameter storage dtype.
     remat: rematerialise each block (saves activation memory when the tower is trained).
   Call: ``pixel_values`` float [B, S, S, C] NHWC -> ``image_embeds`` [B, N+1, Dv] in ``dtype``.

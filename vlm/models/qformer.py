@@ -15,6 +15,15 @@ Parameter tree (mirrors HF, see /work/coord/CONTRACT.md)::
   encoder/layer_{i}/crossattention/...            (only when i % cross_attention_frequency == 0)
   encoder/layer_{i}/{intermediate_query/dense, output_query/{dense,LayerNorm}}
   encoder/layer_{i}/{intermediate/dense, output/{dense,LayerNorm}}  (if use_qformer_text_input)
+
+float16 (``dtype=jnp.float16``; LAVIS trains the Q-Former under fp16 autocast): computed safely,
+not refused. The layers are post-LayerNorm, so the residual stream itself is normalised; what can
+exceed 65,504 is the FFN intermediate and the pre-LayerNorm sum ``dense(h) + residual``. For
+float16 compute the attention scores are float32 (``vlm.nn.attention``), ``intermediate*/dense``
+and its GELU, ``output*/dense`` and the attention ``output/dense`` produce float32
+(``Dense(wide_float16=True)``: float16 x float16 products, float32 accumulation, input rows
+pre-scaled into float16 range), and the residual sum is formed in float32 inside LayerNorm's
+float32 computation. bfloat16 and float32 compute what they did before.
 """
 from __future__ import annotations
 
@@ -76,7 +85,8 @@ class QFormerSelfOutput(nn.Module):
   """``LayerNorm(Dropout(dense(h)) + residual)``, [B,L,in] -> [B,L,D].
 
   HF ``Blip2QFormerSelfOutput`` (``in_axis=HEADS``, after attention) and ``Blip2QFormerOutput``
-  (``in_axis=MLP``, after the FFN; see :class:`QFormerOutput`) are the same computation.
+  (``in_axis=MLP``, after the FFN; see :class:`QFormerOutput`) are the same computation. For
+  float16 compute ``dense`` and the sum are float32 (module docstring); output in ``dtype``.
   """
   config: QFormerConfig
   dtype: Dtype = jnp.float32
@@ -88,7 +98,7 @@ class QFormerSelfOutput(nn.Module):
     cfg = self.config
     h = layers.Dense(cfg.hidden_size, kernel_axes=(self.in_axis, P.EMBED), name="dense",
                      dtype=self.dtype, param_dtype=self.param_dtype,
-                     kernel_init=_kernel_init(cfg))(h)
+                     kernel_init=_kernel_init(cfg), wide_float16=True)(h)
     h = nn.Dropout(cfg.hidden_dropout_prob)(h, deterministic=deterministic)
     return layers.LayerNorm(epsilon=cfg.layer_norm_eps, name="LayerNorm", dtype=self.dtype,
                             param_dtype=self.param_dtype)(h + residual)
@@ -112,7 +122,10 @@ class QFormerAttention(nn.Module):
 
 
 class QFormerIntermediate(nn.Module):
-  """``act(dense(h))``, [B,L,D] -> [B,L,intermediate_size] (HF ``Blip2QFormerIntermediate``)."""
+  """``act(dense(h))``, [B,L,D] -> [B,L,intermediate_size] (HF ``Blip2QFormerIntermediate``).
+
+  In ``dtype``; float32 for float16 compute (wide ``dense``, module docstring).
+  """
   config: QFormerConfig
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
@@ -122,7 +135,7 @@ class QFormerIntermediate(nn.Module):
     cfg = self.config
     h = layers.Dense(cfg.intermediate_size, kernel_axes=(P.EMBED, P.MLP), name="dense",
                      dtype=self.dtype, param_dtype=self.param_dtype,
-                     kernel_init=_kernel_init(cfg))(h)
+                     kernel_init=_kernel_init(cfg), wide_float16=True)(h)
     return layers.activation(cfg.hidden_act)(h)
 
 

@@ -23,6 +23,17 @@ see ``vlm.nn.rope``), so the same decoder serves 1-D RoPE and both MRoPE layouts
 taken in float32 and cast to the compute dtype before the NeoX rotate-half rotation, which runs in
 the compute dtype (spec 6.4 / pitfall 5).
 
+float16 (``dtype=jnp.float16``; decision per path, see ``vlm.nn.layers``): computed safely, not
+refused. Attention scores are float32 in both the uncached (``vlm.nn.attention``) and the cached
+path (:func:`cached_attention`), and both value products accumulate in float32. The residual
+stream ``h`` is float32 (:func:`vlm.nn.layers.residual_dtype`); ``o_proj`` and the MLP
+``down_proj`` return float32 into it (``Dense(wide_float16=True)``), the SwiGLU gate/up products
+and ``act(gate) * up`` are float32 and the down product's input rows are pre-scaled into float16
+range (the MoE experts likewise, ``vlm.nn.moe``). So the overflows seen with float16 Qwen2/Qwen2.5
+checkpoints (scores, SwiGLU intermediates, residual channels beyond 65,504) stay finite, while the
+matmuls themselves still run float16 x float16. The KV cache stores post-RoPE keys/values in its
+own dtype. bfloat16 and float32 compute exactly what they did before.
+
 Known numerical difference from HF in bfloat16: ``vlm.nn.layers.RMSNorm`` multiplies by the weight
 in float32 and rounds once, HF rounds the normalised value to bf16 first and multiplies by the bf16
 weight (spec pitfall 6); about 1 ulp. Float32 is unaffected.
@@ -256,6 +267,8 @@ def cached_attention(q, k_new, v_new, k_cache, v_cache, mask_cache, mask_new, sc
     mask_cache: bool [B, 1, 1 or L, T]; mask_new: bool [B, 1, L, L] (see
       :func:`_build_cache_masks`). A query with no valid key gets a uniform average (finite).
     scale: score scale (``head_dim ** -0.5``).
+  Scores and both value products accumulate in float32 (finite in float16 for scores beyond
+  65,504); the probabilities are cast to ``dtype`` for the value products.
   Returns:
     [B, L, H, hd] in ``dtype``.
   """
@@ -268,15 +281,19 @@ def cached_attention(q, k_new, v_new, k_cache, v_cache, mask_cache, mask_new, sc
   s_new = jnp.where(mask_new[:, :, None], s_new * scale, neg)
   if mask_cache is None:  # empty cache (prefill): attention among the new tokens only
     p = jax.nn.softmax(s_new, axis=-1).astype(dtype)
-    return jnp.einsum("bgrlm,bmgd->blgrd", p, jnp.asarray(v_new, dtype)).reshape(b, l, h, hd)
+    o = jnp.einsum("bgrlm,bmgd->blgrd", p, jnp.asarray(v_new, dtype),
+                   preferred_element_type=jnp.float32)
+    return jnp.asarray(o, dtype).reshape(b, l, h, hd)
   s_cache = jnp.einsum("blgrd,bgtd->bgrlt", q, jnp.asarray(k_cache, dtype),
                        preferred_element_type=jnp.float32)
   s_cache = jnp.where(mask_cache[:, :, None], s_cache * scale, neg)
   t = s_cache.shape[-1]
   p = jax.nn.softmax(jnp.concatenate([s_cache, s_new], axis=-1), axis=-1).astype(dtype)
-  o = (jnp.einsum("bgrlt,bgtd->blgrd", p[..., :t], jnp.asarray(v_cache, dtype))
-       + jnp.einsum("bgrlm,bmgd->blgrd", p[..., t:], jnp.asarray(v_new, dtype)))
-  return o.reshape(b, l, h, hd)
+  o = (jnp.einsum("bgrlt,bgtd->blgrd", p[..., :t], jnp.asarray(v_cache, dtype),
+                  preferred_element_type=jnp.float32)
+       + jnp.einsum("bgrlm,bmgd->blgrd", p[..., t:], jnp.asarray(v_new, dtype),
+                    preferred_element_type=jnp.float32))
+  return jnp.asarray(o, dtype).reshape(b, l, h, hd)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -297,7 +314,8 @@ class Qwen3Attention(nn.Module):
     deterministic: disables attention dropout (``config.attention_dropout``, rng "dropout");
       the cached path is for inference and never drops.
   Returns:
-    (out [B, L, D], None without cache or ``(k_new, v_new)`` each [B, L, kvH, hd] with one).
+    (out [B, L, D] in ``dtype`` (float32 for float16 compute: the residual dtype), None without
+    cache or ``(k_new, v_new)`` each [B, L, kvH, hd] with one).
   """
   config: Qwen3TextConfig
   dtype: Dtype = jnp.float32
@@ -309,7 +327,8 @@ class Qwen3Attention(nn.Module):
     batch, length, _ = x.shape
     h, kvh, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    dense = lambda n, f, bias, axes: layers.Dense(f, kernel_axes=axes, use_bias=bias, name=n, **kw)
+    dense = lambda n, f, bias, axes, wide=False: layers.Dense(
+        f, kernel_axes=axes, use_bias=bias, name=n, wide_float16=wide, **kw)
     q = dense("q_proj", h * hd, cfg.attention_bias, (P.EMBED, P.HEADS))(x)
     k = dense("k_proj", kvh * hd, cfg.attention_bias, (P.EMBED, P.HEADS))(x)
     v = dense("v_proj", kvh * hd, cfg.attention_bias, (P.EMBED, P.HEADS))(x)
@@ -329,7 +348,7 @@ class Qwen3Attention(nn.Module):
       mask_cache, mask_new = mask
       o = cached_attention(q, k, v, ck, cv, mask_cache, mask_new, hd ** -0.5, self.dtype)
       o = o.reshape(batch, length, h * hd)
-      out = dense("o_proj", cfg.hidden_size, cfg.use_o_proj_bias, (P.HEADS, P.EMBED))(o)
+      out = dense("o_proj", cfg.hidden_size, cfg.use_o_proj_bias, (P.HEADS, P.EMBED), True)(o)
       return out, (k, v)
     rep = h // kvh
     if rep > 1:  # query head j reads kv head j // rep (HF repeat_kv)
@@ -341,12 +360,16 @@ class Qwen3Attention(nn.Module):
         dropout_rng=self.make_rng("dropout") if use_dropout else None,
         deterministic=not use_dropout, dtype=self.dtype)
     o = o.reshape(batch, length, h * hd)
-    out = dense("o_proj", cfg.hidden_size, cfg.use_o_proj_bias, (P.HEADS, P.EMBED))(o)
+    out = dense("o_proj", cfg.hidden_size, cfg.use_o_proj_bias, (P.HEADS, P.EMBED), True)(o)
     return out, None
 
 
 class Qwen3MLP(nn.Module):
-  """SwiGLU MLP ``down_proj(act(gate_proj(x)) * up_proj(x))``, no biases. [B,L,D] -> [B,L,D]."""
+  """SwiGLU MLP ``down_proj(act(gate_proj(x)) * up_proj(x))``, no biases. [B,L,D] -> [B,L,D].
+
+  In ``dtype``; for float16 compute gate, up, their product and the result are float32 (wide
+  Dense; see the module docstring), so an intermediate above 65,504 stays finite.
+  """
   config: Qwen3TextConfig
   intermediate_size: int
   dtype: Dtype = jnp.float32
@@ -354,7 +377,7 @@ class Qwen3MLP(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    kw = dict(use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype)
+    kw = dict(use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype, wide_float16=True)
     act = layers.activation(self.config.hidden_act)
     g = layers.Dense(self.intermediate_size, kernel_axes=(P.EMBED, P.MLP), name="gate_proj", **kw)(x)
     u = layers.Dense(self.intermediate_size, kernel_axes=(P.EMBED, P.MLP), name="up_proj", **kw)(x)
@@ -381,7 +404,8 @@ class Qwen3MoeExperts(nn.Module):
   ``B * L * k < E``, else "dense" (:func:`vlm.nn.moe.choose_implementation`).
 
   Call args: x [B, L, D]; weights [B, L, k] routing weights (compute dtype); experts int [B, L, k]
-  distinct expert ids per token. Returns [B, L, D] in the compute dtype.
+  distinct expert ids per token. Returns [B, L, D] in the compute dtype (float32 for float16:
+  ``vlm.nn.moe`` keeps float16 expert outputs wide).
   """
   config: Qwen3TextConfig
   dtype: Dtype = jnp.float32
@@ -423,7 +447,8 @@ class Qwen3SparseMoeBlock(nn.Module):
   def __call__(self, x):
     cfg = self.config
     logits = layers.Dense(cfg.num_experts, kernel_axes=(P.EMBED, None), use_bias=False,
-                          name="gate", dtype=self.dtype, param_dtype=self.param_dtype)(x)
+                          name="gate", dtype=self.dtype, param_dtype=self.param_dtype,
+                          wide_float16=True)(x)
     probs = jax.nn.softmax(jnp.asarray(logits, jnp.float32), axis=-1)
     top_p, top_i = jax.lax.top_k(probs, cfg.num_experts_per_tok)
     if cfg.norm_topk_prob:
@@ -536,7 +561,8 @@ class Qwen3Model(nn.Module):
       ``0`` (static) means "prefill into an empty cache": the old slots are not read at all.
     deterministic: disables attention dropout.
   Returns:
-    (hidden [B, L, D] after the final norm, new kv_cache dict or None).
+    (hidden [B, L, D] after the final norm, in ``dtype``, new kv_cache dict or None). Between the
+    layers the residual stream is float32 when ``dtype`` is float16 (module docstring).
   Raises:
     ValueError: bad shapes/ranks, missing ``cache_index``, scan over mixed dense/MoE layers,
       more DeepStack entries than layers.
@@ -601,7 +627,8 @@ class Qwen3Model(nn.Module):
         if ds.shape != inputs_embeds.shape:
           raise ValueError(f"each deepstack_embeds entry must be [B, L, D] = "
                            f"{inputs_embeds.shape} (scattered to visual positions), got {ds.shape}")
-      deepstack = jnp.stack([jnp.asarray(ds, self.dtype) for ds in deepstack_embeds])
+      deepstack = jnp.stack([jnp.asarray(ds, layers.residual_dtype(self.dtype))
+                             for ds in deepstack_embeds])
     if visual_mask is not None:
       if visual_mask.shape != (batch, length):
         raise ValueError(f"visual_mask must be [B, L] = {(batch, length)}, got "
@@ -629,7 +656,7 @@ class Qwen3Model(nn.Module):
     else:
       mask = _build_mask(attention_mask, batch, length)
 
-    h = jnp.asarray(inputs_embeds, self.dtype)
+    h = jnp.asarray(inputs_embeds, layers.residual_dtype(self.dtype))  # float32 for float16
     h = P.constrain(h, (P.BATCH, P.LENGTH, P.EMBED))
     angles = jnp.asarray(rope_angles, jnp.float32)
     if self.scan_layers:

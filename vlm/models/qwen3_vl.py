@@ -23,6 +23,12 @@ and build the tables with ``qwen_vit.vision_inputs(config.vision, concat(image_g
 video_grid_thw), max_patches)``; :func:`visual_token_index` numbers image placeholders first,
 then video placeholders, which matches that packing. Packing both into one call equals HF's two
 calls (every vision op is per patch, per merge unit or per (image, temporal patch) segment).
+
+float16 compute (``dtype=jnp.float16``) is supported and safe against float16 overflow, not
+refused: the vision towers return float32 features and the decoder keeps a float32 residual
+stream, so the token embeddings are taken into float32 before the features replace them (see
+``vlm.nn.layers``, ``vlm.models.qwen_vit`` and ``vlm.models.qwen3`` for the per-path decisions).
+bfloat16 and float32 are unchanged.
 """
 from __future__ import annotations
 
@@ -296,7 +302,8 @@ class Qwen3VL(nn.Module):
     if tuple(position_ids.shape) != (3, b, l):
       raise ValueError(f"position_ids must be [3, B, L] = {(3, b, l)}, got {position_ids.shape}; "
                        "build them with vlm.models.rope_index")
-    x = self.language_model.embed(input_ids)
+    # float32 for float16 compute: the residual dtype, also that of the float16 towers' features
+    x = jnp.asarray(self.language_model.embed(input_ids), layers.residual_dtype(self.dtype))
     deepstack = visual_mask = None
     if pixel_values is not None:
       if vision_tables is None or visual_token_index is None:

@@ -31,6 +31,20 @@ as HF's ``cu_seqlens``. Attention allows query i -> key j iff ``segment_ids[i] =
 so real tokens never see padding (padding tokens see only padding); the merged outputs of padded
 merge units are set to zero.
 
+float16 (``dtype=jnp.float16``): computed safely, not refused (decision per path; mechanism in
+``vlm.nn.layers``). Measured reports put real checkpoints beyond 65,504 in exactly these towers:
+the Qwen2.5-VL-3B ViT's last block (SwiGLU ``down_proj`` output and the residual after it;
+llama.cpp issue 17534, vLLM PR 13968, which clamps) and the Qwen3-VL-2B ViT ``linear_fc1`` output
+(unsloth-zoo PR 787); HF 4.57.1 has no float16 guard here (no clamp: inf, then NaN in the merged
+features). Here, for float16 compute: attention scores are float32 (``vlm.nn.attention``); the
+residual stream is float32 (:func:`vlm.nn.layers.residual_dtype`); the MLP expansions
+(``gate_proj``/``up_proj``, ``linear_fc1``), their activation product, the projections back into
+the residual (``down_proj``, ``linear_fc2``, ``attn/proj``) and the merger MLPs produce float32
+(``Dense(wide_float16=True)``: float16 x float16 products, float32 accumulation, rows pre-scaled
+into float16 range); LayerNorm/RMSNorm normalise in float32. The towers then return float32
+features (the decoder's float32 residual takes them as they are). bfloat16 and float32 compute
+exactly what they did before.
+
 Parameter trees mirror the HF keys under ``model.visual.`` (CONTRACT.md rule)::
 
   Qwen3VLVisionModel:
@@ -474,8 +488,9 @@ class VisionAttention(nn.Module):
   ``Qwen3VLVisionAttention`` / ``Qwen2_5_VLVisionAttention``).
 
   ``qkv`` [Dv, 3Dv] (+bias): output features [q | k | v], heads contiguous in each third;
-  ``proj`` [Dv, Dv] (+bias). Scale ``hd ** -0.5``; softmax in float32.
-  Shapes: x [B, L, Dv], cos/sin float32 [B, L, hd], mask bool [B, 1, L, L] -> [B, L, Dv].
+  ``proj`` [Dv, Dv] (+bias). Scale ``hd ** -0.5``; scores and softmax in float32.
+  Shapes: x [B, L, Dv], cos/sin float32 [B, L, hd], mask bool [B, 1, L, L] -> [B, L, Dv] in
+  ``dtype`` (float32 for float16 compute: ``proj`` feeds the float32 residual).
   """
   num_heads: int
   dtype: Dtype = jnp.float32
@@ -491,7 +506,8 @@ class VisionAttention(nn.Module):
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
     q, k = _apply_rope(q, cos, sin), _apply_rope(k, cos, sin)
     out = dot_product_attention(q, k, v, mask=mask, dtype=self.dtype)
-    return layers.Dense(d, kernel_axes=(P.HEADS, P.EMBED), name="proj", **kw)(out.reshape(b, l, d))
+    return layers.Dense(d, kernel_axes=(P.HEADS, P.EMBED), name="proj", wide_float16=True,
+                        **kw)(out.reshape(b, l, d))
 
 
 class VisionBlock(nn.Module):
@@ -500,7 +516,8 @@ class VisionBlock(nn.Module):
   The config's type picks the reference: :class:`Qwen3VLVisionConfig` gives HF
   ``Qwen3VLVisionBlock`` (LayerNorm eps 1e-6, GELU-tanh MLP ``linear_fc2(act(linear_fc1(x)))``);
   :class:`Qwen2_5_VLVisionConfig` gives HF ``Qwen2_5_VLVisionBlock`` (RMSNorm eps 1e-6, SwiGLU MLP
-  ``down_proj(act(gate_proj(x)) * up_proj(x))`` with biases). Shapes: [B, L, Dv] -> [B, L, Dv].
+  ``down_proj(act(gate_proj(x)) * up_proj(x))`` with biases). Shapes: [B, L, Dv] -> [B, L, Dv],
+  in :func:`vlm.nn.layers.residual_dtype` of ``dtype`` (float32 for float16).
   """
   config: Qwen3VLVisionConfig | Qwen2_5_VLVisionConfig
   dtype: Dtype = jnp.float32
@@ -520,7 +537,11 @@ class VisionBlock(nn.Module):
 
 
 class _Qwen3VLVisionMlp(nn.Module):
-  """``linear_fc2(act(linear_fc1(x)))``, act = ``config.hidden_act`` (tanh GELU)."""
+  """``linear_fc2(act(linear_fc1(x)))``, act = ``config.hidden_act`` (tanh GELU).
+
+  [B, L, Dv] -> [B, L, Dv] in ``dtype``; for float16 compute ``linear_fc1``, the activation and
+  the result are float32 (module docstring).
+  """
   config: Qwen3VLVisionConfig
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
@@ -530,10 +551,10 @@ class _Qwen3VLVisionMlp(nn.Module):
     cfg = self.config
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     y = layers.Dense(cfg.intermediate_size, kernel_axes=(P.EMBED, P.MLP), name="linear_fc1",
-                     **kw)(x)
+                     wide_float16=True, **kw)(x)
     y = layers.activation(cfg.hidden_act)(y)
     return layers.Dense(cfg.hidden_size, kernel_axes=(P.MLP, P.EMBED), name="linear_fc2",
-                        **kw)(y)
+                        wide_float16=True, **kw)(y)
 
 
 class _PatchEmbed(nn.Module):
@@ -593,7 +614,7 @@ class Qwen3VLVisionPatchMerger(nn.Module):
   ``use_postshuffle_norm=False`` (``merger``): LayerNorm(Dv) per patch, then concatenate each 4
   consecutive patches; ``True`` (``deepstack_merger_list_k``): concatenate, then LayerNorm(4Dv).
   Then ``linear_fc2(gelu_erf(linear_fc1(.)))``.
-  Shapes: [B, Np, Dv] -> [B, Np/4, Dout].
+  Shapes: [B, Np, Dv] -> [B, Np/4, Dout] in ``dtype`` (float32 for float16 compute: wide MLP).
   """
   config: Qwen3VLVisionConfig
   use_postshuffle_norm: bool = False
@@ -611,10 +632,11 @@ class Qwen3VLVisionPatchMerger(nn.Module):
       x = norm(x.reshape(b, n // unit, unit * d))
     else:
       x = norm(x).reshape(b, n // unit, unit * d)
-    x = layers.Dense(unit * d, kernel_axes=(P.EMBED, P.MLP), name="linear_fc1", **kw)(x)
+    x = layers.Dense(unit * d, kernel_axes=(P.EMBED, P.MLP), name="linear_fc1", wide_float16=True,
+                     **kw)(x)
     x = layers.gelu_exact(x)
     return layers.Dense(cfg.out_hidden_size, kernel_axes=(P.MLP, P.EMBED), name="linear_fc2",
-                        **kw)(x)
+                        wide_float16=True, **kw)(x)
 
 
 class Qwen3VLVisionModel(nn.Module):
@@ -633,7 +655,8 @@ class Qwen3VLVisionModel(nn.Module):
     pos_embed_index: int [(B,) 4, Np]; pos_embed_weight: float [(B,) 4, Np].
   Returns:
     ``(merged [(B,) Np/4, Dout], [deepstack_k [(B,) Np/4, Dout] for each DeepStack index])`` in
-    ``dtype``; rows of padded merge units are zero; the real rows follow the input order.
+    ``dtype`` (float32 for float16 compute, module docstring); rows of padded merge units are
+    zero; the real rows follow the input order.
   Raises:
     ValueError: on shapes inconsistent with the config or with each other.
   """
@@ -666,7 +689,8 @@ class Qwen3VLVisionModel(nn.Module):
     pe = corners[:, 0] * wt[:, 0] + corners[:, 1] * wt[:, 1]
     pe = pe + corners[:, 2] * wt[:, 2]
     pe = pe + corners[:, 3] * wt[:, 3]
-    x = P.constrain(x + pe, ACTIVATION_AXES)
+    x = jnp.asarray(x, layers.residual_dtype(self.dtype)) + pe  # float32 residual for float16
+    x = P.constrain(x, ACTIVATION_AXES)
 
     cos, sin = _vision_rope_cos_sin(a["rope_positions"], cfg.head_dim)
     seg = jnp.asarray(a["segment_ids"], jnp.int32)
@@ -691,7 +715,12 @@ class Qwen3VLVisionModel(nn.Module):
 
 
 class _Qwen2_5_VLVisionMlp(nn.Module):
-  """``down_proj(act(gate_proj(x)) * up_proj(x))``, all with bias (HF ``Qwen2_5_VLMLP``)."""
+  """``down_proj(act(gate_proj(x)) * up_proj(x))``, all with bias (HF ``Qwen2_5_VLMLP``).
+
+  [B, L, Dv] -> [B, L, Dv] in ``dtype``; for float16 compute gate, up, their product and the
+  result are float32 and the product's rows are pre-scaled for the float16 ``down_proj`` product
+  (module docstring), so an intermediate or output above 65,504 stays finite.
+  """
   config: Qwen2_5_VLVisionConfig
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
@@ -699,7 +728,7 @@ class _Qwen2_5_VLVisionMlp(nn.Module):
   @nn.compact
   def __call__(self, x):
     cfg = self.config
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, wide_float16=True)
     gate = layers.Dense(cfg.intermediate_size, kernel_axes=(P.EMBED, P.MLP), name="gate_proj",
                         **kw)(x)
     up = layers.Dense(cfg.intermediate_size, kernel_axes=(P.EMBED, P.MLP), name="up_proj",
@@ -712,7 +741,7 @@ class _Qwen2_5_VLVisionMlp(nn.Module):
 class Qwen2_5_VLPatchMerger(nn.Module):
   """``mlp_2(gelu_erf(mlp_0(concat4(ln_q(x)))))`` (HF ``Qwen2_5_VLPatchMerger``; spec 4.1).
 
-  Shapes: [B, Np, Dv] -> [B, Np/4, Dout].
+  Shapes: [B, Np, Dv] -> [B, Np/4, Dout] in ``dtype`` (float32 for float16 compute: wide MLP).
   """
   config: Qwen2_5_VLVisionConfig
   dtype: Dtype = jnp.float32
@@ -725,9 +754,11 @@ class Qwen2_5_VLPatchMerger(nn.Module):
     b, n, d = x.shape
     unit = cfg.spatial_merge_size ** 2
     x = layers.RMSNorm(name="ln_q", **kw)(x).reshape(b, n // unit, unit * d)
-    x = layers.Dense(unit * d, kernel_axes=(P.EMBED, P.MLP), name="mlp_0", **kw)(x)
+    x = layers.Dense(unit * d, kernel_axes=(P.EMBED, P.MLP), name="mlp_0", wide_float16=True,
+                     **kw)(x)
     x = layers.gelu_exact(x)
-    return layers.Dense(cfg.out_hidden_size, kernel_axes=(P.MLP, P.EMBED), name="mlp_2", **kw)(x)
+    return layers.Dense(cfg.out_hidden_size, kernel_axes=(P.MLP, P.EMBED), name="mlp_2",
+                        wide_float16=True, **kw)(x)
 
 
 class Qwen2_5_VLVisionModel(nn.Module):
@@ -746,7 +777,8 @@ class Qwen2_5_VLVisionModel(nn.Module):
     rope_positions int [(B,) Np, 2]; window_index, window_inverse int [(B,) Np/4];
     window_segment_ids int [(B,) Np] (indexed by permuted position).
   Returns:
-    merged [(B,) Np/4, Dout] in ``dtype``, input order, zero rows for padded merge units.
+    merged [(B,) Np/4, Dout] in ``dtype`` (float32 for float16 compute, module docstring), input
+    order, zero rows for padded merge units.
   Raises:
     ValueError: on shapes inconsistent with the config or with each other.
   """
@@ -775,6 +807,7 @@ class Qwen2_5_VLVisionModel(nn.Module):
 
     x = _PatchEmbed(cfg.hidden_size, use_bias=False, name="patch_embed", **kw)(
         jnp.asarray(x, self.dtype))
+    x = jnp.asarray(x, layers.residual_dtype(self.dtype))  # float32 residual for float16
     win = jnp.asarray(a["window_index"], jnp.int32)
     x = P.constrain(_gather_units(x, win, unit), ACTIVATION_AXES)
     pos = _gather_units(jnp.asarray(a["rope_positions"], jnp.int32), win, unit)

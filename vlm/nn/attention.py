@@ -3,7 +3,15 @@
 Shapes use named axes: ``B`` batch, ``Lq`` query length, ``Lk`` key length, ``H`` heads, ``D``
 head dim. Masks are boolean (True = may attend) and broadcast to [B, H, Lq, Lk]; they are applied
 with ``where(mask, scores, finfo.min)`` rather than an additive -10000 so that bf16 logits stay
-safe (BLIP-2 spec section 9, item 22). The softmax runs in float32.
+safe (BLIP-2 spec section 9, item 22).
+
+Precision, for every compute dtype: the scores ``q . k`` are accumulated and returned in float32
+(``preferred_element_type``), scaled, biased, masked and soft-maxed in float32; the probabilities
+are cast to the compute dtype (they lie in [0, 1]) and ``probs @ v`` accumulates in float32 before
+one cast to the result dtype. So in float16 a score above 65,504 stays finite (before: the float16
+einsum returned inf for it and the row became NaN), and the output, a convex combination of the
+values, cannot overflow. float32 is unchanged; bfloat16 only loses the extra rounding of the
+scores to bfloat16.
 """
 from __future__ import annotations
 
@@ -28,9 +36,10 @@ def dot_product_attention(query, key, value, *, mask=None, bias=None, scale: flo
     dropout_rate: dropout on the attention probabilities (active when not ``deterministic``).
     dropout_rng: PRNG key for that dropout.
     deterministic: disables dropout.
-    dtype: result dtype (default ``query.dtype``).
+    dtype: result dtype (default ``query.dtype``); also the dtype of the probabilities in the
+      ``probs @ value`` product.
   Returns:
-    [B, Lq, H, D].
+    [B, Lq, H, D] in ``dtype``; finite whenever the inputs are (scores in float32).
   Raises:
     ValueError: on mismatched ranks or head counts.
   """
@@ -43,8 +52,9 @@ def dot_product_attention(query, key, value, *, mask=None, bias=None, scale: flo
   dtype = dtype or query.dtype
   if scale is None:
     scale = query.shape[-1] ** -0.5
-  scores = jnp.einsum("bqhd,bkhd->bhqk", query, key, precision=precision)
-  scores = jnp.asarray(scores, jnp.float32) * scale
+  scores = jnp.einsum("bqhd,bkhd->bhqk", query, key, precision=precision,
+                      preferred_element_type=jnp.float32)
+  scores = scores * scale
   if bias is not None:
     scores = scores + jnp.asarray(bias, jnp.float32)
   if mask is not None:
@@ -54,7 +64,9 @@ def dot_product_attention(query, key, value, *, mask=None, bias=None, scale: flo
     keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, probs.shape)
     probs = jnp.where(keep, probs / (1.0 - dropout_rate), 0.0)
   probs = jnp.asarray(probs, dtype)
-  return jnp.einsum("bhqk,bkhd->bqhd", probs, jnp.asarray(value, dtype), precision=precision)
+  out = jnp.einsum("bhqk,bkhd->bqhd", probs, jnp.asarray(value, dtype), precision=precision,
+                   preferred_element_type=jnp.float32)
+  return jnp.asarray(out, dtype)
 
 
 def padding_mask(attention_mask):

@@ -39,6 +39,12 @@ Cost notes (measured with ``scripts/benchmark_moe.py``):
   So "dense" is the faster choice on CPU and GPU today; "ragged" is for TPU and for jax/XLA
   versions whose ``ragged_dot`` lowers to a grouped GEMM (there its intermediates are
   O(T*k*I) instead of the dense O(T*E*I)).
+* float16: with ``x`` in float16 the three evaluations accumulate every product in float32, form
+  ``act(gate) * up`` in float32, pre-scale its rows with :func:`vlm.nn.layers.split_rows` before
+  the float16 ``down`` product and return float32 (the caller's residual dtype,
+  :func:`vlm.nn.layers.residual_dtype`): a SwiGLU intermediate or expert output above 65,504 stays
+  finite (before: inf, then NaN). bfloat16 and float32 run the same operations as before. The
+  router softmax (``vlm.models.qwen3.Qwen3SparseMoeBlock``) is float32 in every dtype.
 * Sharding: the dense einsums partition over the ``expert`` mesh axis like any contraction. The
   ragged path sorts the flattened tokens globally, so under a batch-sharded mesh the partitioner
   gathers the token rows, and how XLA partitions ``ragged_dot`` over a sharded group (expert) axis
@@ -52,6 +58,8 @@ from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+
+from vlm.nn import layers
 
 
 class ExpertSort(NamedTuple):
@@ -90,6 +98,15 @@ def _check_experts(x, gate_up, down, expert_ids, weights):
   if not jnp.issubdtype(expert_ids.dtype, jnp.integer):
     raise ValueError(f"expert_ids must be integer, got {expert_ids.dtype}")
   return t, d, e, i, expert_ids.shape[1]
+
+
+def _down(hidden, down_fn, float16: bool):
+  """Applies ``down_fn`` (a product with the down kernels) to ``act(gate) * up``; in float16 the
+  rows are split into a power-of-two scale and a float16 part first (see the module docstring)."""
+  if not float16:
+    return down_fn(hidden)
+  m, s = layers.split_rows(hidden, jnp.float16)
+  return down_fn(m) * s
 
 
 def sort_by_expert(expert_ids, num_experts: int) -> ExpertSort:
@@ -136,18 +153,22 @@ def ragged_expert_mlp(x, gate_up, down, expert_ids, weights,
     weights: [T, k] routing weights (compute dtype).
     activation: elementwise gate activation (``vlm.nn.layers.activation(hidden_act)``).
   Returns:
-    [T, D] in the dtype of ``x`` (matmuls use jax's default precision and accumulation; the final
-    contraction over k is an einsum like the dense path's contraction over E).
+    [T, D] in the dtype of ``x``, float32 when ``x`` is float16 (matmuls use jax's default
+    precision and accumulation, float32 accumulation in float16; the final contraction over k is
+    an einsum like the dense path's contraction over E).
   Raises:
     ValueError: inconsistent shapes (message names the offending argument).
   Differentiable in ``x``, ``gate_up``, ``down`` and ``weights``; works under ``jit``.
   """
   t, d, e, i, k = _check_experts(x, gate_up, down, expert_ids, weights)
+  f16, wide = x.dtype == jnp.float16, layers.wide_dtype(x.dtype)
   s = sort_by_expert(expert_ids, e)
   rows = jnp.take(x, s.token_index, axis=0)                        # [T*k, D], expert-contiguous
-  gu = jax.lax.ragged_dot(rows, gate_up, s.group_sizes)            # [T*k, 2I]
+  gu = jax.lax.ragged_dot(rows, gate_up, s.group_sizes,
+                          preferred_element_type=wide)             # [T*k, 2I]
   hidden = activation(gu[:, :i]) * gu[:, i:]                       # [T*k, I]
-  out = jax.lax.ragged_dot(hidden, down, s.group_sizes)            # [T*k, D]
+  out = _down(hidden, lambda h: jax.lax.ragged_dot(h, down, s.group_sizes,
+                                                   preferred_element_type=wide), f16)  # [T*k, D]
   out = jnp.take(out, s.inverse, axis=0).reshape(t, k, d)          # token-major [T, k, D]
   return jnp.einsum("tkd,tk->td", out, jnp.asarray(weights, out.dtype))
 
@@ -156,17 +177,21 @@ def dense_expert_mlp(x, gate_up, down, expert_ids, weights,
                      activation: Callable[[jax.Array], jax.Array]):
   """Every expert on every token, mixed by the top-k weights scattered to [T, E] (HF eval path).
 
-  Args / Returns / Raises: as :func:`ragged_expert_mlp` ([T, D] in the dtype of ``x``). The
+  Args / Returns / Raises: as :func:`ragged_expert_mlp` ([T, D] in the dtype of ``x``, float32
+  for float16). The
   per-token experts must be distinct (``top_k`` guarantees it): the one-hot scatter of weights to
   [T, E] sums duplicates, which would then count once per duplicate in both paths anyway.
   Cost: T*E expert evaluations and a [T, E, 2I] intermediate.
   """
   _, _, e, i, _ = _check_experts(x, gate_up, down, expert_ids, weights)
-  onehot = jax.nn.one_hot(expert_ids, e, dtype=x.dtype)               # [T, k, E]
-  dense_w = jnp.einsum("tke,tk->te", onehot, jnp.asarray(weights, x.dtype))
-  gu = jnp.einsum("td,edf->tef", x, gate_up)                        # [T, E, 2I]
+  f16, wide = x.dtype == jnp.float16, layers.wide_dtype(x.dtype)
+  mix_dtype = layers.residual_dtype(x.dtype)
+  onehot = jax.nn.one_hot(expert_ids, e, dtype=mix_dtype)             # [T, k, E]
+  dense_w = jnp.einsum("tke,tk->te", onehot, jnp.asarray(weights, mix_dtype))
+  gu = jnp.einsum("td,edf->tef", x, gate_up, preferred_element_type=wide)  # [T, E, 2I]
   hidden = activation(gu[..., :i]) * gu[..., i:]
-  out = jnp.einsum("tei,eid->ted", hidden, down)
+  out = _down(hidden, lambda h: jnp.einsum("tei,eid->ted", h, down, preferred_element_type=wide),
+              f16)
   return jnp.einsum("ted,te->td", out, dense_w)
 
 
@@ -181,13 +206,18 @@ def gather_expert_mlp(x, gate_up, down, expert_ids, weights,
   traffic); for larger T the gathered copies exceed the weights themselves and
   :func:`dense_expert_mlp` wins. Same result as the other two up to float summation order.
 
-  Args / Returns / Raises: as :func:`ragged_expert_mlp` ([T, D] in the dtype of ``x``).
+  Args / Returns / Raises: as :func:`ragged_expert_mlp` ([T, D] in the dtype of ``x``, float32
+  for float16).
   """
   _, _, _, i, _ = _check_experts(x, gate_up, down, expert_ids, weights)
-  gu = jnp.einsum("td,tkdf->tkf", x, jnp.take(gate_up, expert_ids, axis=0))  # [T, k, 2I]
+  f16, wide = x.dtype == jnp.float16, layers.wide_dtype(x.dtype)
+  gu = jnp.einsum("td,tkdf->tkf", x, jnp.take(gate_up, expert_ids, axis=0),
+                  preferred_element_type=wide)                               # [T, k, 2I]
   hidden = activation(gu[..., :i]) * gu[..., i:]
-  out = jnp.einsum("tki,tkid->tkd", hidden, jnp.take(down, expert_ids, axis=0))
-  return jnp.einsum("tkd,tk->td", out, jnp.asarray(weights, x.dtype))
+  down_k = jnp.take(down, expert_ids, axis=0)
+  out = _down(hidden, lambda h: jnp.einsum("tki,tkid->tkd", h, down_k, preferred_element_type=wide),
+              f16)
+  return jnp.einsum("tkd,tk->td", out, jnp.asarray(weights, layers.residual_dtype(x.dtype)))
 
 
 def choose_implementation(implementation: str, num_tokens: int, num_experts: int,
