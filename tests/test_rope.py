@@ -393,3 +393,87 @@ def test_low_precision_rotation_keeps_dtype():
   for out in outs:
     assert out.dtype == jnp.bfloat16 and out.shape == x.shape
     assert _max_err(out, ref) < 0.05
+
+
+# ---------------------------------------------------------------------------------------------
+# The models run this library (no private copies of the rotation or of the angles)
+# ---------------------------------------------------------------------------------------------
+
+def _tiny_models():
+  from vlm.models import qwen3, qwen_vit
+  text_cfg = qwen3.Qwen3TextConfig(vocab_size=32, hidden_size=32, intermediate_size=48,
+                                   num_hidden_layers=1, num_attention_heads=2,
+                                   num_key_value_heads=1, head_dim=16)
+  vis_cfg = qwen_vit.Qwen3VLVisionConfig(depth=1, hidden_size=32, num_heads=2,
+                                         intermediate_size=32, out_hidden_size=32, patch_size=4,
+                                         num_position_embeddings=16, deepstack_visual_indexes=[])
+  q25_cfg = qwen_vit.Qwen2_5_VLVisionConfig(depth=1, hidden_size=32, num_heads=2,
+                                            intermediate_size=32, out_hidden_size=32,
+                                            patch_size=4, window_size=16,
+                                            fullatt_block_indexes=[0])
+  return qwen3, qwen_vit, text_cfg, vis_cfg, q25_cfg
+
+
+def _spread(variables, seed):
+  """Well-conditioned random weights (init's 0.02 scale makes attention nearly uniform)."""
+  leaves, tree = jax.tree_util.tree_flatten(variables)
+  keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
+  new = [1.0 + 0.1 * jax.random.normal(k, x.shape) if x.ndim == 1 else
+         jax.random.normal(k, x.shape) / np.sqrt(x.shape[-2]) for k, x in zip(keys, leaves)]
+  return jax.tree_util.tree_unflatten(tree, new)
+
+
+def test_models_define_no_private_rope():
+  qwen3, qwen_vit, *_ = _tiny_models()
+  from vlm.models import qwen3_vl
+  for module in (qwen3, qwen_vit, qwen3_vl):
+    for name in ("apply_rotary", "rotate_half", "_rotate_half", "_apply_rope",
+                 "_vision_rope_cos_sin", "inverse_frequencies"):
+      assert not hasattr(module, name), f"{module.__name__}.{name} duplicates vlm.nn.rope"
+
+
+def test_models_run_the_library_rotation(monkeypatch):
+  """Replacing rope.rotate / rope.vision_rope changes what the text decoder and both ViTs
+  compute, so the rope tests above test the code the models run."""
+  qwen3, qwen_vit, text_cfg, vis_cfg, q25_cfg = _tiny_models()
+  rng = np.random.default_rng(7)
+  ids = jnp.asarray(rng.integers(0, 32, (1, 6)), jnp.int32)
+  angles = rope.text_rope(jnp.arange(6)[None], 16, 1e4)
+  lm = qwen3.Qwen3LM(text_cfg)
+  lm_params = _spread(lm.init(jax.random.PRNGKey(0), ids, angles), 0)
+  grid = np.array([[1, 4, 4]])
+  px = jnp.asarray(rng.standard_normal((16, vis_cfg.patch_dim)), jnp.float32)
+  towers = []
+  for cfg, cls in ((vis_cfg, qwen_vit.Qwen3VLVisionModel), (q25_cfg, qwen_vit.Qwen2_5_VLVisionModel)):
+    tables = qwen_vit.vision_inputs(cfg, grid)
+    model = cls(cfg)
+    towers.append((model, _spread(model.init(jax.random.PRNGKey(1), px, **tables), 1), tables))
+
+  def run_all():
+    outs = [lm.apply(lm_params, ids, angles)[0]]
+    for model, params, tables in towers:
+      out = model.apply(params, px, **tables)
+      outs.append(out[0] if isinstance(out, tuple) else out)
+    return outs
+
+  before = run_all()
+  calls = {"rotate": 0, "vision_rope": 0}
+  real_rotate, real_vision = rope.rotate, rope.vision_rope
+
+  def counting_identity(x, theta, *args, **kwargs):
+    calls["rotate"] += 1
+    real_rotate(x, theta, *args, **kwargs)  # same argument contract as the real one
+    return x
+
+  def counting_vision(*args, **kwargs):
+    calls["vision_rope"] += 1
+    return real_vision(*args, **kwargs)
+
+  monkeypatch.setattr(rope, "rotate", counting_identity)
+  monkeypatch.setattr(rope, "vision_rope", counting_vision)
+  after = run_all()
+  assert calls["rotate"] == 2 * 3  # q and k in the decoder layer and in each ViT block
+  assert calls["vision_rope"] == 2  # once per tower call
+  for b, a in zip(before, after):
+    assert _max_err(b, a) > 1e-2 * float(np.max(np.abs(b))), (
+        "the model output does not depend on vlm.nn.rope.rotate")

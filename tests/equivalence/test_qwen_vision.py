@@ -238,9 +238,8 @@ def test_host_tables_match_hf():
   inputs = vision_inputs(Q3, Q3_GRIDS)
   with torch.no_grad():
     ref_rot = hf3.rot_pos_emb(torch.from_numpy(Q3_GRIDS)).numpy()
-  cos, sin = qwen_vit._vision_rope_cos_sin(inputs["rope_positions"], Q3.head_dim)
-  ref_emb = np.concatenate([ref_rot, ref_rot], -1)
-  assert _max_abs(cos, np.cos(ref_emb)) <= 1e-6 and _max_abs(sin, np.sin(ref_emb)) <= 1e-6
+  angles = qwen_vit.vision_rope_angles(inputs["rope_positions"], Q3.head_dim)  # vlm.nn.rope
+  np.testing.assert_array_equal(np.asarray(angles), ref_rot)
   dim = Q3.head_dim // 2
   exponents = np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim)
   ours_inv = (1.0 / (np.float32(10000.0) ** exponents)).astype(np.float32)

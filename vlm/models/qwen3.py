@@ -19,9 +19,18 @@ down_proj} | mlp/{gate, experts/{gate_up_proj, down_proj}}}``, ``norm``; ``lm_he
 
 Rotary embedding: the decoder takes precomputed rotary angles ``[B, L, head_dim/2]`` float32
 (``theta[b, s, j] = position[b, s] * inv_freq[j]``, with the MRoPE axis selection already applied;
-see ``vlm.nn.rope``), so the same decoder serves 1-D RoPE and both MRoPE layouts. cos/sin are
-taken in float32 and cast to the compute dtype before the NeoX rotate-half rotation, which runs in
-the compute dtype (spec 6.4 / pitfall 5).
+see ``vlm.nn.rope``), so the same decoder serves 1-D RoPE and both MRoPE layouts. The rotation is
+``vlm.nn.rope.rotate`` (the library's, no private copy): cos/sin are taken in float32 and cast to
+the compute dtype before the NeoX rotate-half rotation, which runs in the compute dtype (spec 6.4 /
+pitfall 5).
+
+Packing (training): ``Qwen3Model(..., segment_ids=[B, L])`` confines causal attention to tokens
+of equal segment id (1..S per packed sample, 0 = padding, which attends only to padding); each
+segment carries its own (restarting) positions in the angles. ``return_hidden=True`` on the LMs
+returns the final normed hidden states so a loss can take the logits in chunks
+(:func:`lm_head_kernel`). MoE layers sow their router logits (pre-softmax, float32 [B*L, E], HF
+``output_router_logits``) as ``("intermediates", ..., "router_logits")``; read them with
+:func:`router_logits` (both layer layouts).
 
 float16 (``dtype=jnp.float16``; decision per path, see ``vlm.nn.layers``): computed safely, not
 refused. Attention scores are float32 in both the uncached (``vlm.nn.attention``) and the cached
@@ -51,6 +60,7 @@ import jax.numpy as jnp
 from vlm.nn import layers
 from vlm.nn import moe
 from vlm.nn import partitioning as P
+from vlm.nn import rope
 from vlm.nn.attention import dot_product_attention
 
 Dtype = Any
@@ -200,36 +210,23 @@ class Qwen3TextConfig:
 
 
 # ------------------------------------------------------------------------------------------------
-# Rotary embedding application and masks.
+# Masks (the rotation itself is ``vlm.nn.rope.rotate``).
 
 
-def apply_rotary(x, angles, dtype):
-  """NeoX rotate-half RoPE: ``x * cos(phi) + rotate_half(x) * sin(phi)``, ``phi = [theta, theta]``.
+def _build_mask(attention_mask, batch: int, length: int, segment_ids=None):
+  """Boolean attention mask [B, 1, L, L] (True = attend) without a cache.
 
-  Args:
-    x: [B, L, H, hd].
-    angles: float32 [B, L, hd/2] (theta); cos/sin are computed in float32, then cast to ``dtype``.
-    dtype: dtype of the rotation arithmetic (HF: the model dtype; spec 6.4).
-  Returns:
-    [B, L, H, hd] in ``dtype``.
+  Causal AND key validity (``attention_mask`` [B, L], True = real token) AND, with
+  ``segment_ids`` int [B, L], equal segment ids (packed rows: each sample attends only to its own
+  earlier tokens; padding, id 0, attends only to earlier padding, so no row is empty and nothing
+  is NaN).
   """
-  half = x.shape[-1] // 2
-  if angles.shape[-1] != half:
-    raise ValueError(f"rope angles last axis must be head_dim/2 = {half}, got {angles.shape}")
-  angles = jnp.asarray(angles, jnp.float32)
-  cos = jnp.asarray(jnp.cos(angles), dtype)[:, :, None, :]
-  sin = jnp.asarray(jnp.sin(angles), dtype)[:, :, None, :]
-  x = jnp.asarray(x, dtype)
-  x1, x2 = x[..., :half], x[..., half:]
-  return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-
-
-def _build_mask(attention_mask, batch: int, length: int):
-  """Boolean attention mask [B, 1, L, L] (True = attend) without a cache: causal AND key validity
-  (``attention_mask`` [B, L], True = real token)."""
   pos = jnp.arange(length)
   causal = pos[None, :] <= pos[:, None]
-  return causal[None, None] & attention_mask[:, None, None, :]
+  mask = causal[None, None] & attention_mask[:, None, None, :]
+  if segment_ids is not None:
+    mask = mask & (segment_ids[:, None, :, None] == segment_ids[:, None, None, :])
+  return mask
 
 
 def _build_cache_masks(attention_mask, cache_mask, cache_index):
@@ -338,8 +335,9 @@ class Qwen3Attention(nn.Module):
     if cfg.use_qk_norm:
       q = layers.RMSNorm(cfg.rms_norm_eps, axis_name=P.KV, name="q_norm", **kw)(q)
       k = layers.RMSNorm(cfg.rms_norm_eps, axis_name=P.KV, name="k_norm", **kw)(k)
-    q = apply_rotary(q, angles, self.dtype)
-    k = apply_rotary(k, angles, self.dtype)
+    # NeoX rotate-half RoPE in the compute dtype, cos/sin taken in float32 then cast (spec 6.4)
+    q = rope.rotate(jnp.asarray(q, self.dtype), angles, compute_dtype=self.dtype)
+    k = rope.rotate(jnp.asarray(k, self.dtype), angles, compute_dtype=self.dtype)
     v = jnp.asarray(v, self.dtype)
     if cache is not None:
       # decode / prefill into a cache: read the old slots, return only the new keys and values
@@ -437,7 +435,9 @@ class Qwen3SparseMoeBlock(nn.Module):
   ``gate`` Linear D->E without bias (compute dtype); softmax over all E in float32; top-k;
   renormalise when ``norm_topk_prob``; cast to the compute dtype; experts evaluated densely or
   routed per ``config.moe_implementation`` (see :class:`Qwen3MoeExperts`).
-  Call: x [B, L, D] -> [B, L, D].
+  Call: x [B, L, D] -> [B, L, D]. Sows the gate logits, float32 [B*L, E] before the softmax (HF
+  ``Qwen3VLMoeTextSparseMoeBlock``'s second output), into ``intermediates/.../router_logits``
+  when that collection is mutable.
   """
   config: Qwen3TextConfig
   dtype: Dtype = jnp.float32
@@ -449,6 +449,10 @@ class Qwen3SparseMoeBlock(nn.Module):
     logits = layers.Dense(cfg.num_experts, kernel_axes=(P.EMBED, None), use_bias=False,
                           name="gate", dtype=self.dtype, param_dtype=self.param_dtype,
                           wide_float16=True)(x)
+    # for the load-balancing loss (HF ``output_router_logits``): pre-softmax, [B*L, E] float32;
+    # a no-op unless "intermediates" is mutable in the apply
+    self.sow("intermediates", "router_logits",
+             jnp.asarray(logits, jnp.float32).reshape(-1, cfg.num_experts))
     probs = jax.nn.softmax(jnp.asarray(logits, jnp.float32), axis=-1)
     top_p, top_i = jax.lax.top_k(probs, cfg.num_experts_per_tok)
     if cfg.norm_topk_prob:
@@ -555,6 +559,10 @@ class Qwen3Model(nn.Module):
       and each layer picks its entry by index (zeros for i >= K), which costs K*B*L*D memory
       and one masked add per layer.
     visual_mask: bool [B, L] or None; restricts the DeepStack addition to visual positions.
+    segment_ids: int [B, L] or None. Packed rows: 1..S per sample, 0 = padding. Attention is
+      causal and confined to equal ids (padding attends only to padding, so every row is finite);
+      combined with ``attention_mask`` when both are given. Without a cache, or with a static
+      ``cache_index=0`` (prefill).
     kv_cache: None or the dict of :func:`init_cache`; the new tokens are written at slots
       ``cache_index .. cache_index + L - 1`` and attend to every valid slot up to their own.
     cache_index: int scalar (same for the whole batch), required with ``kv_cache``. A Python
@@ -565,7 +573,9 @@ class Qwen3Model(nn.Module):
     layers the residual stream is float32 when ``dtype`` is float16 (module docstring).
   Raises:
     ValueError: bad shapes/ranks, missing ``cache_index``, scan over mixed dense/MoE layers,
-      more DeepStack entries than layers.
+      more DeepStack entries than layers, ``segment_ids`` with a non-empty cache.
+  Intermediates: with ``mutable=["intermediates"]`` every MoE layer's router logits are sown
+  (see :func:`router_logits`).
   """
   config: Qwen3TextConfig
   dtype: Dtype = jnp.float32
@@ -587,7 +597,7 @@ class Qwen3Model(nn.Module):
       layer_cls = nn.remat(layer_cls, prevent_cse=not self.scan_layers, static_argnums=(8,))
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     if self.scan_layers:
-      scanned = nn.scan(layer_cls, variable_axes={"params": 0},
+      scanned = nn.scan(layer_cls, variable_axes={"params": 0, "intermediates": 0},
                         split_rngs={"params": True, "dropout": True},
                         in_axes=(0,) + (nn.broadcast,) * 6,
                         length=cfg.num_hidden_layers,
@@ -601,7 +611,8 @@ class Qwen3Model(nn.Module):
     return self.embed_tokens(input_ids)
 
   def __call__(self, inputs_embeds, rope_angles, attention_mask=None, deepstack_embeds=None,
-               visual_mask=None, kv_cache=None, cache_index=None, deterministic: bool = True):
+               visual_mask=None, kv_cache=None, cache_index=None, deterministic: bool = True,
+               segment_ids=None):
     cfg = self.config
     if inputs_embeds.ndim != 3 or inputs_embeds.shape[-1] != cfg.hidden_size:
       raise ValueError(f"inputs_embeds must be [B, L, {cfg.hidden_size}], got "
@@ -617,6 +628,16 @@ class Qwen3Model(nn.Module):
       raise ValueError(f"attention_mask must be [B, L] = {(batch, length)}, got "
                        f"{attention_mask.shape}")
     attention_mask = jnp.asarray(attention_mask, bool)
+    if segment_ids is not None:
+      if tuple(segment_ids.shape) != (batch, length):
+        raise ValueError(f"segment_ids must be int [B, L] = {(batch, length)} (1..S per packed "
+                         f"sample, 0 = padding), got {segment_ids.shape}")
+      if not jnp.issubdtype(segment_ids.dtype, jnp.integer):
+        raise ValueError(f"segment_ids must be integer, got {segment_ids.dtype}")
+      segment_ids = jnp.asarray(segment_ids, jnp.int32)
+      if kv_cache is not None and not (isinstance(cache_index, int) and cache_index == 0):
+        raise ValueError("segment_ids (packed rows) work without a cache or for a prefill into an "
+                         "empty cache (static cache_index=0); decode steps take attention_mask only")
 
     deepstack = None
     if deepstack_embeds is not None and len(deepstack_embeds):
@@ -646,7 +667,7 @@ class Qwen3Model(nn.Module):
       if isinstance(cache_index, int) and cache_index == 0:
         # a static 0 means an empty cache (prefill): skip the T empty slots entirely (masking
         # them would also hand XLA a constant all-False mask to fold at compile time)
-        mask = (None, _build_mask(attention_mask, batch, length))
+        mask = (None, _build_mask(attention_mask, batch, length, segment_ids))
       else:
         mask = _build_cache_masks(attention_mask, kv_cache["mask"], cache_index)
       cache_index = jnp.asarray(cache_index, jnp.int32)
@@ -654,7 +675,7 @@ class Qwen3Model(nn.Module):
                                                     (0, cache_index))
       ck, cv = kv_cache["k"], kv_cache["v"]
     else:
-      mask = _build_mask(attention_mask, batch, length)
+      mask = _build_mask(attention_mask, batch, length, segment_ids)
 
     h = jnp.asarray(inputs_embeds, layers.residual_dtype(self.dtype))  # float32 for float16
     h = P.constrain(h, (P.BATCH, P.LENGTH, P.EMBED))
@@ -694,11 +715,14 @@ class Qwen3LM(nn.Module):
 
   Methods:
     embed(input_ids int [B, L]) -> [B, L, D].
-    logits(hidden [B, L, D]) -> float32 [B, L, V] (matmul in the compute dtype, then cast).
+    logits(hidden [B, L, D]) -> float32 [B, L, V] (matmul in the compute dtype, then cast); any
+      leading axes, so a loss can call it on chunks via ``apply(..., method=Qwen3LM.logits)``.
     __call__(input_ids [B, L], rope_angles, attention_mask=None, deepstack_embeds=None,
-      visual_mask=None, kv_cache=None, cache_index=None, deterministic=True)
-      -> (logits float32 [B, L, V], new kv_cache or None); touches every parameter (use it
-      for ``init``).
+      visual_mask=None, kv_cache=None, cache_index=None, deterministic=True, segment_ids=None,
+      return_hidden=False)
+      -> (logits float32 [B, L, V] or, with ``return_hidden``, the final normed hidden states
+      [B, L, D] in ``dtype``; new kv_cache or None); touches every parameter (use it for
+      ``init``). ``segment_ids`` as :class:`Qwen3Model`.
   """
   config: Qwen3TextConfig
   dtype: Dtype = jnp.float32
@@ -725,12 +749,96 @@ class Qwen3LM(nn.Module):
     return jnp.asarray(out, jnp.float32)
 
   def __call__(self, input_ids, rope_angles, attention_mask=None, deepstack_embeds=None,
-               visual_mask=None, kv_cache=None, cache_index=None, deterministic: bool = True):
+               visual_mask=None, kv_cache=None, cache_index=None, deterministic: bool = True,
+               segment_ids=None, return_hidden: bool = False):
     if input_ids.ndim != 2:
       raise ValueError(f"input_ids must be int [B, L], got shape {input_ids.shape}")
     h, cache = self.model(self.embed(input_ids), rope_angles, attention_mask, deepstack_embeds,
-                          visual_mask, kv_cache, cache_index, deterministic)
+                          visual_mask, kv_cache, cache_index, deterministic, segment_ids)
+    if return_hidden:
+      if self.is_initializing():
+        self.logits(h[:, :1])  # init with return_hidden still creates lm_head
+      return h, cache
     return self.logits(h), cache
+
+
+# ------------------------------------------------------------------------------------------------
+# Training helpers: the output projection as an array, the sown router logits.
+
+
+def lm_head_kernel(params, tie_word_embeddings: bool):
+  """The output projection ``W`` [D, V] with ``logits = hidden @ W`` (HF ``lm_head.weight.T``).
+
+  Works on the parameters of :class:`Qwen3LM` (``model/...``) and of the VL models
+  (``language_model/...``), with or without the outer ``{"params": ...}`` level and in either
+  layer layout. Tied models (``tie_word_embeddings``) return ``embed_tokens/embedding`` transposed,
+  so a gradient through it reaches the embedding. Plain indexing: use it inside a jitted loss to
+  take logits chunk by chunk (``hidden[:, i:j] @ W``) instead of materialising [B, L, V].
+
+  Args:
+    params: parameter dict (unboxed arrays).
+    tie_word_embeddings: the text config's flag.
+  Returns:
+    [D, V] in the parameter dtype.
+  Raises:
+    KeyError: naming the missing entry (e.g. an untied config with a tied checkpoint's params).
+  """
+  p = params["params"] if "params" in params else params
+  if tie_word_embeddings:
+    for key in ("language_model", "model"):
+      if key in p:
+        return jnp.asarray(p[key]["embed_tokens"]["embedding"]).T
+    raise KeyError(f"tied output projection: no 'language_model' or 'model' entry holding "
+                   f"embed_tokens/embedding among {sorted(p)}")
+  if "lm_head" not in p:
+    raise KeyError(f"untied output projection: no 'lm_head' among {sorted(p)}; is "
+                   "tie_word_embeddings set as in the checkpoint's config?")
+  return jnp.asarray(p["lm_head"]["kernel"])
+
+
+_ROUTER_PATH = re.compile(r"^layers(?:_(\d+))?$")
+
+
+def router_logits(intermediates) -> tuple[jax.Array, ...]:
+  """The MoE router logits sown by a forward pass, one float32 [T, E] array per MoE layer.
+
+  ``T = B * L`` (row-major over the batch, as HF's ``router_logits``); values are the gate outputs
+  before the softmax. Layer order: unscanned ``layers_{i}`` sorted by ``i``; scanned ``layers``
+  (leading ``LAYERS`` axis) split into its layers. Dense layers contribute nothing.
+  Usage: ``out, state = model.apply(variables, ..., mutable=["intermediates"])`` then
+  ``router_logits(state["intermediates"])``; feed them to the load-balancing loss (HF
+  ``load_balancing_loss_func``, padding masked by the caller).
+
+  Args:
+    intermediates: the ``"intermediates"`` collection (or the dict holding it).
+  Returns:
+    tuple of float32 [T, E] (empty for a dense model).
+  """
+  tree = intermediates.get("intermediates", intermediates) if isinstance(
+      intermediates, Mapping) else intermediates
+  found = []
+
+  def walk(node, layer):
+    if not isinstance(node, Mapping):
+      return
+    for key, value in node.items():
+      if key == "router_logits":
+        arrays = value if isinstance(value, (tuple, list)) else (value,)
+        for a in arrays:
+          found.append((layer, a))
+        continue
+      m = _ROUTER_PATH.match(str(key))
+      walk(value, (-1 if m.group(1) is None else int(m.group(1))) if m else layer)
+
+  walk(tree, None)
+  out = []
+  for layer, a in sorted(found, key=lambda t: -2 if t[0] is None else t[0]):
+    a = jnp.asarray(a, jnp.float32)
+    if layer == -1:  # scanned: [NL, T, E]
+      out.extend(a[i] for i in range(a.shape[0]))
+    else:
+      out.append(a)
+  return tuple(out)
 
 
 # ------------------------------------------------------------------------------------------------

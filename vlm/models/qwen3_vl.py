@@ -5,14 +5,25 @@ Composition (spec /work/shared/design/qwen3vl_spec.md sections 2, 6, 7, 8; HF
 
 1. ``x = embed_tokens(input_ids)`` [B, L, D].
 2. One packed vision call over all images and videos of the batch gives merged features
-   [Nm, D] (plus, for Qwen3-VL, one DeepStack tensor [Nm, D] per ``deepstack_visual_indexes``).
+   [Nm, D] (plus, for Qwen3-VL, one DeepStack tensor [Nm, D] per ``deepstack_visual_indexes``);
+   or, for training batches, one patch buffer per row (``pixel_values`` [B, Np, F], tables
+   stacked over rows) gives [B, Np/M^2, D] per row.
 3. ``visual_token_index`` [B, L] (host, :func:`visual_token_index`) names the merged row of each
-   placeholder token (-1 elsewhere): placeholder embeddings are **replaced** by those rows, and
-   DeepStack entry k, gathered the same way, is added after decoder layer k at visual positions.
+   placeholder token (-1 elsewhere; with per-row buffers, the row of *that batch row's* merged
+   features): placeholder embeddings are **replaced** by those rows, and DeepStack entry k,
+   gathered the same way, is added after decoder layer k at visual positions only (so in a
+   packed row each segment receives exactly its own images' DeepStack features).
 4. Rotary angles from ``position_ids`` [3, B, L] (host, :mod:`vlm.models.rope_index`) with
    ``vlm.nn.rope.mrope``: interleaved T/H/W frequencies for Qwen3-VL, sections for Qwen2.5-VL.
 5. Decoder (:class:`vlm.models.qwen3.Qwen3Model`; dense or MoE), final norm, ``lm_head`` (or the
    tied embedding), float32 logits.
+
+Packed training rows (the shared batch contract): ``segment_ids`` [B, L] (1..S per sample,
+0 = padding) confine causal attention to each sample; ``position_ids`` restart per segment
+(``rope_index`` run per sample); ``return_hidden=True`` returns the final normed hidden states
+for a chunked loss (``Qwen3VL.logits`` via ``apply(..., method=Qwen3VL.logits)``, or
+:func:`vlm.models.qwen3.lm_head_kernel`); MoE router logits are sown into ``intermediates``
+(:func:`vlm.models.qwen3.router_logits`).
 
 Parameter tree (HF safetensors keys minus the ``model.`` prefix, CONTRACT.md naming rule):
 ``visual/...`` (vlm.models.qwen_vit), ``language_model/{embed_tokens, layers_{i}, norm}``
@@ -243,19 +254,30 @@ class Qwen3VL(nn.Module):
     position_ids: int [3, B, L] (rows T, H, W) from ``rope_index`` (prefill) or
       :func:`decode_position_ids` (decode).
     attention_mask: bool/0-1 [B, L] (True = real token) or None.
-    pixel_values: float [Np, F] packed patches of all images then videos (zero rows for padding),
-      or None (text only / decode).
+    pixel_values: float [Np, F] packed patches of all images then videos of the whole batch
+      (zero rows for padding); or [B, Np, F], one buffer per batch row (training batches); or
+      None (text only / decode).
     vision_tables: ``qwen_vit.vision_inputs(config.vision, grid_thw, Np)`` (dict of arrays), with
-      ``pixel_values``.
-    visual_token_index: int [B, L] from :func:`visual_token_index` (-1 at text tokens); required
-      with ``pixel_values``.
+      ``pixel_values``; for [B, Np, F] pixels, each row's tables stacked on a leading B axis
+      (e.g. segment_ids [B, Np], rope_positions [B, Np, 2], pos_embed_index [B, 4, Np]; Qwen2.5-VL
+      window_index [B, Np/4] ...).
+    visual_token_index: int [B, L] (-1 at text tokens); required with ``pixel_values``. For the
+      packed [Np, F] form it indexes the merged rows of the whole call (:func:`visual_token_index`);
+      for [B, Np, F] it indexes row b's own merged features (0 .. Np/M^2 - 1).
     kv_cache, cache_index: as :class:`vlm.models.qwen3.Qwen3Model` (``init_cache(config.text, B,
       T)``).
     deterministic: disables dropout.
+    segment_ids: int [B, L] or None: packed samples 1..S, 0 = padding; attention causal within
+      equal ids (combined with ``attention_mask`` when both are given).
+    return_hidden: return the final normed hidden states [B, L, D] (in ``dtype``; float32 for
+      float16 compute) instead of logits.
   Returns:
-    (logits float32 [B, L, V], new kv_cache or None).
+    (logits float32 [B, L, V] or hidden [B, L, D], new kv_cache or None).
   Raises:
-    ValueError: inconsistent shapes, ``pixel_values`` without tables or index.
+    ValueError: inconsistent shapes, ``pixel_values`` without tables or index, per-row buffers
+      whose batch differs from ``input_ids``'.
+  Intermediates: with ``mutable=["intermediates"]`` MoE router logits are sown per layer
+  (:func:`vlm.models.qwen3.router_logits`).
   ``init`` must be given ``pixel_values`` (any small grid) so that the ``visual`` parameters are
   created; calls without pixels touch only the decoder and head.
   """
@@ -285,7 +307,8 @@ class Qwen3VL(nn.Module):
                       interleaved=self.config.interleaved)
 
   def logits(self, hidden):
-    """[B, L, D] -> float32 [B, L, V] (matmul in ``dtype``)."""
+    """[..., D] -> float32 [..., V] (matmul in ``dtype``); any leading axes, so a chunked loss can
+    call it on a slice: ``model.apply(variables, hidden[:, i:j], method=Qwen3VL.logits)``."""
     if self.config.text.tie_word_embeddings:
       out = self.language_model.embed_tokens.attend(hidden)
     else:
@@ -294,7 +317,7 @@ class Qwen3VL(nn.Module):
 
   def __call__(self, input_ids, position_ids, attention_mask=None, pixel_values=None,
                vision_tables=None, visual_token_index=None, kv_cache=None, cache_index=None,
-               deterministic: bool = True):
+               deterministic: bool = True, segment_ids=None, return_hidden: bool = False):
     cfg = self.config
     if input_ids.ndim != 2:
       raise ValueError(f"input_ids must be int [B, L], got shape {input_ids.shape}")
@@ -312,23 +335,37 @@ class Qwen3VL(nn.Module):
       if tuple(visual_token_index.shape) != (b, l):
         raise ValueError(f"visual_token_index must be [B, L] = {(b, l)}, got "
                          f"{visual_token_index.shape}")
-      if pixel_values.ndim != 2:
-        raise ValueError(f"pixel_values must be packed [Np, F], got shape {pixel_values.shape}")
+      if pixel_values.ndim not in (2, 3):
+        raise ValueError(f"pixel_values must be packed [Np, F] or per row [B, Np, F], got shape "
+                         f"{pixel_values.shape}")
+      per_row = pixel_values.ndim == 3
+      if per_row and pixel_values.shape[0] != b:
+        raise ValueError(f"per-row pixel_values [B, Np, F] has B={pixel_values.shape[0]} but "
+                         f"input_ids has B={b}; stack one patch buffer per batch row")
       out = self.visual(pixel_values, **vision_tables)
       merged, ds_list = out if cfg.deepstack else (out, [])
       idx = jnp.asarray(visual_token_index, jnp.int32)
       visual_mask = idx >= 0
-      rows = jnp.clip(idx, 0, merged.shape[0] - 1)
+      rows = jnp.clip(idx, 0, merged.shape[-2] - 1)
 
       def gather(feats):
-        return jnp.where(visual_mask[..., None], jnp.asarray(feats, x.dtype)[rows], 0)
+        feats = jnp.asarray(feats, x.dtype)
+        if per_row:  # [B, U, D]: row b's placeholders read row b's features
+          picked = jnp.take_along_axis(feats, rows[..., None], axis=1)
+        else:        # [U, D]: one packed call for the whole batch
+          picked = feats[rows]
+        return jnp.where(visual_mask[..., None], picked, 0)
 
       x = jnp.where(visual_mask[..., None], gather(merged), x)
       if ds_list:
         deepstack = [gather(d) for d in ds_list]
     h, cache = self.language_model(x, self.rope_angles(position_ids), attention_mask, deepstack,
                                    visual_mask if deepstack else None, kv_cache, cache_index,
-                                   deterministic)
+                                   deterministic, segment_ids)
+    if return_hidden:
+      if self.is_initializing():
+        self.logits(h[:, :1])  # init with return_hidden still creates lm_head
+      return h, cache
     return self.logits(h), cache
 
 

@@ -71,6 +71,7 @@ import numpy as np
 
 from vlm.nn import layers
 from vlm.nn import partitioning as P
+from vlm.nn import rope
 from vlm.nn.attention import dot_product_attention
 
 Dtype = Any
@@ -344,7 +345,7 @@ def vision_inputs_from_grids(grid_thw, spatial_merge_size: int = 2, *,
                      "neither")
 
   seg = np.zeros(np_, np.int32)
-  rope = np.zeros((np_, 2), np.int32)
+  rope_pos = np.zeros((np_, 2), np.int32)
   out: dict[str, np.ndarray] = {}
   if num_position_embeddings is not None:
     g = int(round(num_position_embeddings ** 0.5))
@@ -370,7 +371,7 @@ def vision_inputs_from_grids(grid_thw, spatial_merge_size: int = 2, *,
       seg_id += 1
       sl = slice(offset, offset + hw)
       seg[sl] = seg_id
-      rope[sl, 0], rope[sl, 1] = rows, cols
+      rope_pos[sl, 0], rope_pos[sl, 1] = rows, cols
       if num_position_embeddings is not None:
         pe_idx[:, sl], pe_wt[:, sl] = idx, wt
       offset += hw
@@ -386,7 +387,7 @@ def vision_inputs_from_grids(grid_thw, spatial_merge_size: int = 2, *,
       unit_offset += units
 
   out["segment_ids"] = seg
-  out["rope_positions"] = rope
+  out["rope_positions"] = rope_pos
   if num_position_embeddings is not None:
     out["pos_embed_index"] = pe_idx
     out["pos_embed_weight"] = pe_wt
@@ -436,38 +437,24 @@ def pad_pixel_values(pixel_values, max_patches: int) -> np.ndarray:
 # ----------------------------------------------------------------------------------------------
 
 
-def _vision_rope_cos_sin(positions, head_dim: int, theta: float = VISION_ROPE_THETA):
-  """cos/sin tables of the ViT 2-D RoPE (spec 3.3; HF ``rot_pos_emb`` + ``Qwen3VLVisionModel``).
+def vision_rope_angles(rope_positions, head_dim: int) -> jax.Array:
+  """ViT 2-D RoPE angles of the patch tokens, from ``vlm.nn.rope.vision_rope`` (spec 3.3).
 
-  Private stand-in until ``vlm.nn.rope.vision_rope`` lands; numerically the HF recipe:
-  ``inv_freq = 1 / theta ** (arange(0, hd/2, 2) / (hd/2))`` in float32 (numpy float32 matches
-  torch bit for bit for these sizes, spec 11 item 21), angles ``[row * inv_freq, col * inv_freq]``
-  (float32), duplicated for the rotate-half pairing.
-  Args: positions int [..., L, 2] (row, col). Returns: float32 cos, sin [..., L, hd].
+  Only moves the (row, col) axis to the front as :func:`vlm.nn.rope.vision_rope` expects; the
+  spectrum (``inverse_frequencies(hd/2, 10000)``), the axial assignment and the angles are the
+  library's (HF ``Qwen3VLVisionRotaryEmbedding`` + ``rot_pos_emb``).
+  Args:
+    rope_positions: int [(B,) Np, 2] (row, col) from :func:`vision_inputs`.
+    head_dim: ViT head dim ``hd`` (multiple of 4).
+  Returns:
+    float32 [(B,) Np, hd/2] angles for :func:`vlm.nn.rope.rotate`.
+  Raises:
+    ValueError: last axis not 2, or ``head_dim`` not divisible by 4.
   """
-  dim = head_dim // 2
-  inv_freq = (1.0 / (np.float32(theta) ** (np.arange(0, dim, 2, dtype=np.float32)
-                                           / np.float32(dim)))).astype(np.float32)
-  pos = jnp.asarray(positions, jnp.float32)
-  angles = pos[..., :, None] * jnp.asarray(inv_freq)          # [..., L, 2, hd/4]
-  angles = angles.reshape(*angles.shape[:-2], dim)             # [row freqs | col freqs]
-  emb = jnp.concatenate([angles, angles], axis=-1)
-  return jnp.cos(emb), jnp.sin(emb)
-
-
-def _rotate_half(x):
-  x1, x2 = jnp.split(x, 2, axis=-1)
-  return jnp.concatenate([-x2, x1], axis=-1)
-
-
-def _apply_rope(x, cos, sin):
-  """NeoX rotate-half rotation in float32, cast back (HF ``apply_rotary_pos_emb_vision``).
-
-  x [B, L, H, hd]; cos, sin [B, L, hd].
-  """
-  x32 = jnp.asarray(x, jnp.float32)
-  c, s = cos[:, :, None, :], sin[:, :, None, :]
-  return jnp.asarray(x32 * c + _rotate_half(x32) * s, x.dtype)
+  pos = jnp.asarray(rope_positions)
+  if pos.ndim < 2 or pos.shape[-1] != 2:
+    raise ValueError(f"rope_positions must be int [..., Np, 2] (row, col), got {pos.shape}")
+  return rope.vision_rope(jnp.moveaxis(pos, -1, 0), head_dim, VISION_ROPE_THETA)
 
 
 def _segment_mask(segment_ids):
@@ -488,8 +475,10 @@ class VisionAttention(nn.Module):
   ``Qwen3VLVisionAttention`` / ``Qwen2_5_VLVisionAttention``).
 
   ``qkv`` [Dv, 3Dv] (+bias): output features [q | k | v], heads contiguous in each third;
-  ``proj`` [Dv, Dv] (+bias). Scale ``hd ** -0.5``; scores and softmax in float32.
-  Shapes: x [B, L, Dv], cos/sin float32 [B, L, hd], mask bool [B, 1, L, L] -> [B, L, Dv] in
+  ``proj`` [Dv, Dv] (+bias). Scale ``hd ** -0.5``; scores and softmax in float32. q and k are
+  rotated by :func:`vlm.nn.rope.rotate` (rotate-half pairing, float32 arithmetic, cast back: HF
+  ``apply_rotary_pos_emb_vision``).
+  Shapes: x [B, L, Dv], angles float32 [B, L, hd/2], mask bool [B, 1, L, L] -> [B, L, Dv] in
   ``dtype`` (float32 for float16 compute: ``proj`` feeds the float32 residual).
   """
   num_heads: int
@@ -497,14 +486,14 @@ class VisionAttention(nn.Module):
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x, cos, sin, mask):
+  def __call__(self, x, angles, mask):
     b, l, d = x.shape
     h = self.num_heads
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     qkv = layers.Dense(3 * d, kernel_axes=(P.EMBED, P.HEADS), name="qkv", **kw)(x)
     qkv = qkv.reshape(b, l, 3, h, d // h)
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-    q, k = _apply_rope(q, cos, sin), _apply_rope(k, cos, sin)
+    q, k = rope.rotate(q, angles), rope.rotate(k, angles)
     out = dot_product_attention(q, k, v, mask=mask, dtype=self.dtype)
     return layers.Dense(d, kernel_axes=(P.HEADS, P.EMBED), name="proj", wide_float16=True,
                         **kw)(out.reshape(b, l, d))
@@ -524,14 +513,14 @@ class VisionBlock(nn.Module):
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x, cos, sin, mask):
+  def __call__(self, x, angles, mask):
     cfg = self.config
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     if isinstance(cfg, Qwen2_5_VLVisionConfig):
       norm, mlp = (lambda name: layers.RMSNorm(1e-6, name=name, **kw)), _Qwen2_5_VLVisionMlp
     else:
       norm, mlp = (lambda name: layers.LayerNorm(epsilon=1e-6, name=name, **kw)), _Qwen3VLVisionMlp
-    x = x + VisionAttention(cfg.num_heads, name="attn", **kw)(norm("norm1")(x), cos, sin, mask)
+    x = x + VisionAttention(cfg.num_heads, name="attn", **kw)(norm("norm1")(x), angles, mask)
     y = mlp(cfg, name="mlp", **kw)(norm("norm2")(x))
     return P.constrain(x + y, ACTIVATION_AXES)
 
@@ -692,7 +681,7 @@ class Qwen3VLVisionModel(nn.Module):
     x = jnp.asarray(x, layers.residual_dtype(self.dtype)) + pe  # float32 residual for float16
     x = P.constrain(x, ACTIVATION_AXES)
 
-    cos, sin = _vision_rope_cos_sin(a["rope_positions"], cfg.head_dim)
+    angles = vision_rope_angles(a["rope_positions"], cfg.head_dim)
     seg = jnp.asarray(a["segment_ids"], jnp.int32)
     mask = _segment_mask(seg)
     valid = (seg.reshape(b, n // unit, unit)[..., 0] > 0)[..., None]
@@ -701,7 +690,7 @@ class Qwen3VLVisionModel(nn.Module):
     taps = {layer: k for k, layer in enumerate(cfg.deepstack_visual_indexes)}
     deepstack = [None] * len(taps)
     for i in range(cfg.depth):
-      x = block_cls(cfg, name=f"blocks_{i}", **kw)(x, cos, sin, mask)
+      x = block_cls(cfg, name=f"blocks_{i}", **kw)(x, angles, mask)
       if i in taps:
         k = taps[i]
         ds = Qwen3VLVisionPatchMerger(cfg, use_postshuffle_norm=True,
@@ -812,14 +801,14 @@ class Qwen2_5_VLVisionModel(nn.Module):
     x = P.constrain(_gather_units(x, win, unit), ACTIVATION_AXES)
     pos = _gather_units(jnp.asarray(a["rope_positions"], jnp.int32), win, unit)
     seg = _gather_units(jnp.asarray(a["segment_ids"], jnp.int32), win, unit)
-    cos, sin = _vision_rope_cos_sin(pos, cfg.head_dim)
+    angles = vision_rope_angles(pos, cfg.head_dim)
     full_mask = _segment_mask(seg)
     window_mask = _segment_mask(jnp.asarray(a["window_segment_ids"], jnp.int32))
 
     block_cls = nn.remat(VisionBlock) if self.remat else VisionBlock
     for i in range(cfg.depth):
       mask = full_mask if i in cfg.fullatt_block_indexes else window_mask
-      x = block_cls(cfg, name=f"blocks_{i}", **kw)(x, cos, sin, mask)
+      x = block_cls(cfg, name=f"blocks_{i}", **kw)(x, angles, mask)
     merged = Qwen2_5_VLPatchMerger(cfg, name="merger", **kw)(x)
     inv = jnp.asarray(a["window_inverse"], jnp.int32)
     merged = jnp.take_along_axis(merged, inv[..., None], axis=1)
