@@ -44,3 +44,54 @@ def default_blip2_data_config() -> ml_collections.ConfigDict:
   cfg.worker_count = 0
   cfg.worker_buffer_size = 1
   return cfg
+
+
+def default_qwen_data_config() -> ml_collections.ConfigDict:
+  """Returns the Qwen3-VL instruction-tuning data config over the embedded real data.
+
+  Sources (``sources``, a list; each read by :func:`vlm.data.conversations.load_source`):
+  COCO train captions as chat turns (user "<image>\\nDescribe this image in one sentence.",
+  assistant = a human caption), the OK-VQA questions of the ``train`` split on those photos,
+  the three demo image conversations and the ActivityNet video question/answer turns
+  (``data/qwen_sft``; the first record's clip is not shipped, so it is a counted
+  ``missing_video`` skip). For stage A/B pre-training rows use ``{"type": "coco_captions",
+  "mode": "caption", ...}`` (image then caption, loss on the caption).
+
+  Fields:
+    sources: list of source dicts (``type`` conversations | coco_captions | okvqa, paths,
+      optional ``repeat``).
+    max_length: L, tokens per packed row.
+    max_patches: Np, patch buffer per row (multiple of spatial_merge_size**2).
+    pack_window: samples carried over before a batch is closed (0: 2 * rows per process).
+    processor: :class:`vlm.data.qwen_processor.QwenProcessorConfig` overrides (pixel budgets,
+      video fps / frame counts); patch sizes come from the model config.
+    tokenizer_file: Qwen3 ``tokenizer.json``.
+    on_bad_sample: ``"skip"`` (drop and count) or ``"raise"`` (strict).
+    validate_images: ``"decode"`` (full decode at build time) or ``"header"``.
+    prescan: encode every sample once at build time (exact too-long counts and lengths, and
+      "nothing usable" fails before compiling); False defers those checks to the stream.
+    num_threads: threads for build-time checks.
+  """
+  cfg = ml_collections.ConfigDict()
+  cfg.sources = [
+      {"type": "coco_captions", "annotations": "data/coco/captions_train2017.json",
+       "image_dir": "data/coco/images", "mode": "chat"},
+      {"type": "okvqa", "path": "data/qwen_sft/okvqa_on_coco_real_captions.json",
+       "image_dir": "data/coco/images", "split": "train"},
+      {"type": "conversations", "path": "data/qwen_sft/single_images.json"},
+      {"type": "conversations", "path": "data/qwen_sft/activitynet_qa/video.json"},
+  ]
+  cfg.max_length = 1024
+  cfg.max_patches = 1024
+  cfg.pack_window = 0
+  cfg.processor = ml_collections.ConfigDict({
+      "min_pixels": 64 * 64, "max_pixels": 128 * 128,
+      "video_min_pixels": 64 * 64, "video_max_pixels": 8 * 64 * 64,
+      "fps": 2.0, "min_frames": 4, "max_frames": 8,
+  })
+  cfg.tokenizer_file = "vlm/assets/tokenizers/qwen3/tokenizer.json"
+  cfg.on_bad_sample = "skip"
+  cfg.validate_images = "decode"
+  cfg.prescan = True
+  cfg.num_threads = 4
+  return cfg
