@@ -25,6 +25,7 @@ setup(
         "av>=12",
         "tensorboardX>=2.6",
         "tqdm",
+        "pycocoevalcap>=1.2",  # CIDEr / BLEU caption scores (its PTB tokenizer runs `java`)
     ],
     extras_require={
         # Test-only references: PyTorch CPU and HF transformers, pinned (see README).
