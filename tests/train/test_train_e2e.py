@@ -31,13 +31,13 @@ def test_run_writes_metrics_checkpoints_and_eval(tmp_path):
   assert [r["step"] for r in rows if "train/loss" in r] == [1, 2, 3, 4]
   assert os.listdir(tmp_path / "tensorboard")
   assert {"2", "4"} <= set(os.listdir(tmp_path / "checkpoints"))
-  from vlm.train import restore
-  step, params = restore.latest_params(str(tmp_path))
+  from vlm.train import checkpoint as restore
+  step, params = restore.restore_params(str(tmp_path))
   assert step == 4
   jax.tree.map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)), params,
                jax.device_get(res["state"].params))
   with pytest.raises(FileNotFoundError, match="no checkpoints"):
-    restore.latest_params(str(tmp_path / "nowhere"))
+    restore.restore_params(str(tmp_path / "nowhere"))
   ev = json.load(open(tmp_path / "eval_results.json"))["val"]
   assert ev["num_images"] == 159 and ev["num_texts"] == 795
   for k in ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10"):

@@ -167,14 +167,90 @@ def fit_shardings(abstract_params, shardings, log_fn=None):
   return jax.tree_util.tree_map_with_path(fix, abstract_params, shardings)
 
 
-def global_batch_from_host(batch: Mapping[str, np.ndarray], mesh: Mesh, rules) -> dict:
-  """Assembles per-process numpy batches into global jax.Arrays sharded over the batch axes.
+def _is_axes(x) -> bool:
+  return isinstance(x, tuple)
 
-  Each process passes its own slice (leading dim = global batch / process count);
-  ``jax.make_array_from_process_local_data`` stitches them together (works on one host too).
+
+def batch_shardings(mesh: Mesh, rules, batch: Mapping[str, Any],
+                    axes: Mapping[str, Any] | None = None) -> dict:
+  """NamedSharding per batch array from its logical axes (nested dicts allowed).
+
+  Args:
+    mesh, rules: device mesh and logical-axis rules.
+    batch: the batch (arrays, ``jax.ShapeDtypeStruct`` or anything with ``ndim``/``shape``),
+      possibly nested dicts, e.g. ``{"input_ids": [B, L], "position_ids": [3, B, L],
+      "vision": {"segment_ids": [B, Np]}}``.
+    axes: the same structure with a tuple of logical axis names (or None) per array, e.g.
+      ``{"position_ids": (None, "batch", "length"), ...}``; ``None`` = every array split on its
+      leading axis over the batch mesh axes (the BLIP-2 layout).
+  Returns:
+    a dict like ``batch`` of ``NamedSharding``.
+  Raises:
+    ValueError: a key of ``batch`` without axes (or the reverse), or axes whose length differs
+      from the array's rank; the message names the key path.
   """
   out = {}
   for k, v in batch.items():
-    v = np.asarray(v)
-    out[k] = jax.make_array_from_process_local_data(batch_sharding(mesh, rules, v.ndim), v)
+    if isinstance(v, Mapping):
+      sub = None if axes is None else axes.get(k)
+      if axes is not None and not isinstance(sub, Mapping):
+        raise ValueError(f"batch key {k!r} is a dict but its logical axes are {sub!r}; give a "
+                         "dict of axes tuples for it")
+      try:
+        out[k] = batch_shardings(mesh, rules, v, sub)
+      except ValueError as e:
+        raise ValueError(f"{k}/{e}") from None
+      continue
+    ndim = len(v.shape)
+    if axes is None:
+      out[k] = batch_sharding(mesh, rules, ndim)
+      continue
+    if k not in axes:
+      raise ValueError(f"batch key {k!r} (shape {tuple(v.shape)}) has no logical axes; add it "
+                       f"to the task's batch_axes (it has {sorted(axes)})")
+    ax = axes[k]
+    if not _is_axes(ax) or len(ax) != ndim:
+      raise ValueError(f"batch key {k!r} has shape {tuple(v.shape)} (rank {ndim}) but logical "
+                       f"axes {ax!r}; give one name (or None) per dimension")
+    out[k] = logical_sharding(mesh, rules, ax)
+  if axes is not None:
+    extra = sorted(set(axes) - set(batch))
+    if extra:
+      raise ValueError(f"batch_axes names keys {extra} that the batch lacks (it has "
+                       f"{sorted(batch)})")
+  return out
+
+
+def global_batch_from_host(batch: Mapping[str, Any], mesh: Mesh, rules,
+                           axes: Mapping[str, Any] | None = None) -> dict:
+  """Assembles per-process numpy batches into global jax.Arrays sharded by logical axes.
+
+  Each process passes its own slice: along the dimension whose logical axis maps to mesh axes
+  that span processes (``"batch"``), its length is the global length / process count (e.g.
+  ``position_ids [3, b, L]`` with ``b = B / processes``); ``jax.make_array_from_process_local_data``
+  stitches them together (works on one host too). Nested dicts keep their structure.
+
+  Args:
+    batch: host arrays (nested dicts allowed).
+    axes: logical axes per key (see :func:`batch_shardings`); None = leading axis = batch.
+  Raises:
+    ValueError: see :func:`batch_shardings`.
+  """
+  shardings = batch_shardings(mesh, rules, {k: _as_shaped(v) for k, v in batch.items()}, axes)
+  return _place(batch, shardings)
+
+
+def _as_shaped(v):
+  if isinstance(v, Mapping):
+    return {k: _as_shaped(x) for k, x in v.items()}
+  return np.asarray(v)
+
+
+def _place(batch, shardings):
+  out = {}
+  for k, v in batch.items():
+    if isinstance(v, Mapping):
+      out[k] = _place(v, shardings[k])
+    else:
+      out[k] = jax.make_array_from_process_local_data(shardings[k], np.asarray(v))
   return out

@@ -23,6 +23,16 @@ What goes wrong, and what this module does about it:
   model size, other frozen parameters) is refused with :class:`CheckpointMismatchError`, which
   lists the changed config keys and the first mismatching arrays; any other change (batch size,
   learning rate, seed...) is resumed with a warning that lists it.
+
+This is the one home of checkpoint restore:
+
+* :func:`restore_latest`: the full train state (+ data iterator) for resuming a run;
+* :func:`restore_params`: the parameters only, from any workdir (evaluation), as host numpy
+  arrays or straight into given shardings (on any device count: the arrays are read into the
+  current mesh's shardings, never the saved ones, and each process reads only its shards);
+* :func:`init_params_from_workdir`: initialise a new run from an earlier stage's workdir
+  (``config.init.workdir``): parameters whose path and shape match are taken, the others keep
+  their initial values, and both lists are logged.
 """
 from __future__ import annotations
 
@@ -382,3 +392,174 @@ def abstract_like(tree: Any, shardings: Any) -> Any:
   """ShapeDtypeStructs carrying the given shardings (restore target)."""
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                       tree, shardings)
+
+
+# ------------------------------------------------------------------------------------------
+# Parameters only: evaluation and initialisation from an earlier stage's workdir.
+
+
+def _checkpoint_dir(workdir: str) -> str:
+  directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+  if not os.path.isdir(directory):
+    raise FileNotFoundError(f"no checkpoints in {directory}; train first with scripts/train.py "
+                            f"--workdir {workdir}")
+  return directory
+
+
+def _read_only_manager(directory: str) -> ocp.CheckpointManager:
+  options = ocp.CheckpointManagerOptions(read_only=True, create=False)
+  return ocp.CheckpointManager(directory, options=options,
+                               item_handlers={"state": ocp.PyTreeCheckpointHandler()})
+
+
+def _flat_paths(tree, is_leaf=None) -> dict[tuple[str, ...], Any]:
+  flat = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)[0]
+  return {tuple(_path_str((k,)) for k in path): v for path, v in flat}
+
+
+def _unflatten(flat: Mapping[tuple[str, ...], Any]) -> dict:
+  out: dict = {}
+  for path, v in flat.items():
+    node = out
+    for k in path[:-1]:
+      node = node.setdefault(k, {})
+    node[path[-1]] = v
+  return out
+
+
+def _is_array_meta(x) -> bool:
+  return hasattr(x, "shape") and hasattr(x, "dtype")
+
+
+def _params_restore(manager, step: int, paths_target: Mapping[tuple[str, ...], Any] | None):
+  """Reads ``state/params`` (all of it as numpy, or the given paths into their shardings)."""
+  meta = manager.item_metadata(step)
+  if meta is None or "state" not in meta or meta["state"] is None:
+    raise ValueError("the item 'state' is missing")
+  saved = meta["state"]["params"]
+  if paths_target is None:
+    item = saved
+    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), saved,
+                                is_leaf=_is_array_meta)
+  else:
+    item = _unflatten(paths_target)
+    restore_args = jax.tree.map(
+        lambda t: ocp.ArrayRestoreArgs(sharding=t.sharding, global_shape=t.shape, dtype=t.dtype),
+        item)
+  restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+      item={"params": item}, restore_args={"params": restore_args}, partial_restore=True)))
+  return restored["state"]["params"]
+
+
+def _steps_to_try(manager, directory: str, step: int | None) -> list[int]:
+  steps = sorted(manager.all_steps(), reverse=True)
+  if not steps:
+    raise FileNotFoundError(f"no finished checkpoint in {directory}")
+  if step is not None:
+    if step not in steps:
+      raise ValueError(f"no checkpoint of step {step} in {directory}; there are {sorted(steps)}")
+    return [step]
+  return steps
+
+
+def restore_params(workdir: str, step: int | None = None, *, target: Any = None):
+  """Parameters of the checkpoint at ``step`` (default: the newest readable one) of ``workdir``.
+
+  Read-only: a damaged newest checkpoint is skipped with a warning (the next training run moves
+  it aside, see :func:`restore_latest`); an explicit ``step`` that cannot be read is an error.
+
+  Args:
+    workdir: a training workdir (``<workdir>/checkpoints/<step>``).
+    step: the checkpoint step, or None for the newest readable one.
+    target: None -> every parameter as a host numpy array (whatever device count wrote it);
+      or a params-like tree of ``jax.ShapeDtypeStruct`` with ``sharding`` -> exactly those
+      parameters, read straight into those shardings (each process reads only its own shards;
+      the current mesh decides, not the one that saved them).
+  Returns:
+    ``(step, params)``: a nested dict.
+  Raises:
+    FileNotFoundError: no checkpoint there, or none readable (the message names the directory).
+    ValueError: the requested ``step`` is absent or damaged.
+  """
+  directory = _checkpoint_dir(workdir)
+  paths_target = None if target is None else _flat_paths(target)
+  with _read_only_manager(directory) as manager:
+    errors = []
+    for s in _steps_to_try(manager, directory, step):
+      try:
+        return s, _params_restore(manager, s, paths_target)
+      except Exception as e:  # unreadable: damaged
+        errors.append(f"step {s}: {_first_line(e, 200)}")
+        if step is not None:
+          raise ValueError(f"checkpoint step {s} in {directory} is damaged ({errors[-1]})") from e
+        log.warning("checkpoint step %d in %s is damaged (%s); trying the one before", s,
+                    directory, errors[-1])
+  raise FileNotFoundError(f"no readable checkpoint in {directory}: {'; '.join(errors)}")
+
+
+def saved_param_shapes(workdir: str, step: int | None = None) -> tuple[int, dict[str, tuple]]:
+  """``(step, {"a/b/kernel": shape})`` of the newest (or given) checkpoint whose metadata reads.
+
+  Raises: as :func:`restore_params`."""
+  directory = _checkpoint_dir(workdir)
+  with _read_only_manager(directory) as manager:
+    errors = []
+    for s in _steps_to_try(manager, directory, step):
+      try:
+        meta = manager.item_metadata(s)
+        params = meta["state"]["params"]
+        flat = _flat_paths(params, is_leaf=_is_array_meta)
+        return s, {"/".join(k): tuple(v.shape) for k, v in flat.items()}
+      except Exception as e:  # pylint: disable=broad-except
+        errors.append(f"step {s}: {_first_line(e, 200)}")
+        if step is not None:
+          raise ValueError(f"checkpoint step {s} in {directory} is damaged ({errors[-1]})") from e
+  raise FileNotFoundError(f"no readable checkpoint in {directory}: {'; '.join(errors)}")
+
+
+def init_params_from_workdir(params: Any, shardings: Any, workdir: str,
+                             step: int | None = None) -> Any:
+  """Initialises ``params`` from an earlier stage's workdir (``config.init.workdir``).
+
+  Every parameter whose path is in the checkpoint with the same shape is read from it, straight
+  into its sharding in ``shardings`` (no global array is gathered; on any device count); the
+  others keep their value in ``params``. One log line lists how many were taken and which were
+  kept (not in the checkpoint) or ignored (in the checkpoint, not in this model).
+
+  Args:
+    params: the freshly initialised (sharded) params tree.
+    shardings: the matching tree of ``NamedSharding``.
+    workdir: the earlier run's workdir; ``step`` its checkpoint (default: newest readable).
+  Returns:
+    the new params tree (same structure, shapes, dtypes and shardings).
+  Raises:
+    FileNotFoundError: no readable checkpoint in ``workdir``.
+    ValueError: parameters with the same path but another shape (all listed), or no parameter
+      in common at all.
+  """
+  step, saved = saved_param_shapes(workdir, step)
+  flat = _flat_paths(params)
+  flat_sh = _flat_paths(shardings)
+  have = {"/".join(k): k for k in flat}
+  mismatched = [f"{name}: {saved[name]} in {workdir} vs {tuple(flat[k].shape)} here"
+                for name, k in have.items() if name in saved and saved[name] != tuple(flat[k].shape)]
+  if mismatched:
+    raise ValueError(f"cannot initialise from {workdir} step {step}: {len(mismatched)} parameters "
+                     f"have other shapes: {'; '.join(mismatched[:20])}"
+                     + (" ..." if len(mismatched) > 20 else "")
+                     + ". Use a workdir of the same model size, or leave config.init.workdir empty.")
+  taken = [k for name, k in have.items() if name in saved]
+  if not taken:
+    raise ValueError(f"cannot initialise from {workdir} step {step}: no parameter path in common "
+                     f"(it has e.g. {sorted(saved)[:3]}, this model e.g. {sorted(have)[:3]})")
+  kept = sorted(name for name in have if name not in saved)
+  ignored = sorted(name for name in saved if name not in have)
+  target = {k: jax.ShapeDtypeStruct(flat[k].shape, flat[k].dtype, sharding=flat_sh[k])
+            for k in taken}
+  _, restored = restore_params(workdir, step, target=_unflatten(target))
+  got = _flat_paths(restored)
+  log.info("initialised %d of %d parameters from %s step %d; kept their initial values (not in "
+           "the checkpoint): %s; ignored (not in this model): %s", len(taken), len(flat), workdir,
+           step, kept or "none", ignored or "none")
+  out = {k: (got[k] if k in got else v) for k, v in flat.items()}
+  return _unflatten(out)

