@@ -252,19 +252,18 @@ def load_conversations(path: str, *, image_root: str | None = None, video_root: 
   samples: list[Sample] = []
   problems: list[Problem] = []
   if resolved.endswith(".jsonl"):
-    entries = []
-    for lineno, rec, problem in _iter_jsonl(resolved):
-      if problem is not None:
-        _raise_or_keep(problem, problems, on_bad_sample)
-      else:
-        entries.append((f"{resolved}:line {lineno}", rec))
+    entries = ((f"{resolved}:line {lineno}", rec, problem)
+               for lineno, rec, problem in _iter_jsonl(resolved))
   else:
     data = _read_json(resolved)
     if not isinstance(data, list):
       raise ValueError(f"conversation file {resolved} must hold a JSON list of records, got "
                        f"{type(data).__name__} (use .jsonl for one record per line)")
-    entries = [(f"{resolved}:record {i}", rec) for i, rec in enumerate(data)]
-  for where, rec in entries:
+    entries = ((f"{resolved}:record {i}", rec, None) for i, rec in enumerate(data))
+  for where, rec, problem in entries:  # in file order, so "raise" names the first bad record
+    if problem is not None:
+      _raise_or_keep(problem, problems, on_bad_sample)
+      continue
     try:
       samples.append(sample_from_record(rec, where, image_root=image_root,
                                         video_root=video_root, kind=kind))
