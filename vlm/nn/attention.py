@@ -15,7 +15,8 @@ scores to bfloat16.
 """
 from __future__ import annotations
 
-from typing import Any
+from functools import partial
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -77,3 +78,475 @@ def padding_mask(attention_mask):
 def causal_mask(length: int):
   """Bool [1, 1, L, L] lower-triangular mask (i attends j iff j <= i)."""
   return jnp.tril(jnp.ones((length, length), bool))[None, None]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Segment-aware attention with selectable implementations.
+# ---------------------------------------------------------------------------------------------------
+
+IMPLEMENTATIONS = ("xla", "chunked", "splash", "cudnn", "auto")
+
+# "auto" picks "chunked" over "xla" from this key length on (dense float32 scores of one 2,048 x
+# 2,048 head are 16 MiB; the quadratic [B, H, Lq, Lk] buffer dominates from about there).
+AUTO_CHUNKED_MIN_LENGTH = 2048
+# "auto" on GPU with segment ids uses cuDNN only up to this key length: the segment mask reaches
+# cuDNN as a dense [B, 1, Lq, Lk] bias (see :func:`_cudnn_arguments`), so beyond it chunked wins.
+AUTO_CUDNN_MAX_MASKED_LENGTH = 8192
+
+_NEG = float(jnp.finfo(jnp.float32).min)
+_PAD_SEGMENT = -1  # segment id of the positions the implementations pad on internally
+
+
+def attention(query, key, value, *, segment_ids=None, kv_segment_ids=None, causal: bool = False,
+              scale: float | None = None, implementation: str = "xla", block_size: int = 512,
+              dtype: Any = None, precision: Any = None, dropout_rate: float = 0.0,
+              dropout_rng=None, deterministic: bool = True, interpret: bool | None = None):
+  """Grouped-query attention confined to segments, with a choice of implementation.
+
+  Every implementation computes the same function (up to float rounding)::
+
+    allowed[b, i, j] = (segment_ids[b, i] == kv_segment_ids[b, j])
+                       and (not causal or j <= i + (Lk - Lq))
+    out[b, i, h] = sum_j softmax_j(scale * q[b, i, h] . k[b, j, h // G] | allowed) v[b, j, h // G]
+
+  with ``G = Hq // Hkv`` query heads per key/value head (query head ``h`` reads key/value head
+  ``h // G``, the grouping of HF ``repeat_kv``). The causal diagonal is aligned at the *end*: the
+  last query sits at the last key (the usual convention for ``Lq < Lk``, e.g. new tokens after a
+  prefix); for ``Lq == Lk`` it is plain ``j <= i``. Segment id 0 is padding by the vlm batch
+  contract, but it is treated like any other id: padding tokens attend to padding tokens, so their
+  rows are finite (and are masked out of the loss by the caller). Segment ids must be >= 0; the
+  implementations pad lengths internally with id -1.
+
+  A query row with *no* allowed key (possible only when ``kv_segment_ids`` differs from
+  ``segment_ids`` or with ``causal`` and ``Lq > Lk``) returns 0 in ``xla`` and ``chunked``; the
+  kernels (``splash``, ``cudnn``) require every row to have a key and leave such rows undefined.
+
+  Implementations:
+    * ``"xla"``: dense masked einsum (:func:`dot_product_attention`), float32 scores; memory
+      O(B * Hq * Lq * Lk) in the forward and the backward. The only one with attention dropout.
+    * ``"chunked"``: blockwise online softmax in pure JAX (FlashAttention, Dao et al. 2022,
+      Algorithm 1; Rabe & Staats 2021, "Self-attention does not need O(n^2) memory"), a
+      ``jax.custom_vjp`` whose residuals are only ``q, k, v, out`` and the float32 log-sum-exp,
+      and whose backward recomputes each score block (FlashAttention-2, Dao 2023, Algorithm 2):
+      memory O(B * Hq * (Lq + Lk) * D + B * Hq * block_size**2) forward and backward. Key blocks a
+      query block cannot see are skipped: above the causal diagonal (loop bounds), and blocks whose
+      segment id ranges are disjoint (``lax.cond``, so several images in one ViT row or several
+      packed samples cost close to their own lengths). Lengths that are not multiples of
+      ``block_size`` are padded internally.
+    * ``"splash"``: the TPU Pallas splash-attention kernel
+      (``jax.experimental.pallas.ops.tpu.splash_attention``, ``make_splash_mha``) with
+      ``SegmentIds`` and a ``CausalMask(offset=Lk - Lq)``; lengths padded to the kernel block (a
+      multiple of 128). Off TPU it runs in Pallas interpret mode (slow; for tests).
+    * ``"cudnn"``: ``jax.nn.dot_product_attention(implementation="cudnn")`` (cuDNN flash attention;
+      float16/bfloat16 only). Without segment ids it uses cuDNN's causal mask (O(L) memory); with
+      segment ids their equality mask is passed as ``mask`` (cuDNN receives it as a dense
+      [B, 1, Lq, Lk] bias, so memory O(B * Lq * Lk) for that bias only).
+    * ``"auto"``: ``splash`` on TPU; ``cudnn`` on GPU when the compute dtype is float16/bfloat16,
+      ``D <= 128`` and either no segment ids or ``Lk <= AUTO_CUDNN_MAX_MASKED_LENGTH`` (8192);
+      otherwise ``chunked`` when ``Lk >= AUTO_CHUNKED_MIN_LENGTH`` (2048), else ``xla``.
+      :func:`resolve_implementation` returns the choice.
+
+  Args:
+    query: [B, Lq, Hq, D].
+    key: [B, Lk, Hkv, D], ``Hq % Hkv == 0``.
+    value: [B, Lk, Hkv, D].
+    segment_ids: optional int [B, Lq] (>= 0); queries attend only keys with the same id. None:
+      one segment (no padding).
+    kv_segment_ids: optional int [B, Lk]; default ``segment_ids`` (which then needs Lq == Lk).
+    causal: query i sees key j only for ``j <= i + Lk - Lq``.
+    scale: multiplier on the scores; default ``D ** -0.5``.
+    implementation: one of ``IMPLEMENTATIONS``.
+    block_size: query/key block length of ``chunked`` and ``splash`` (splash rounds it to a
+      multiple of 128); clipped to the sequence length.
+    dtype: result dtype (default ``query.dtype``), also the dtype of the probabilities and values
+      in the ``probs @ v`` product; scores, softmax and accumulations are float32.
+    precision: ``lax.Precision`` of the einsums (``xla`` and ``chunked``).
+    dropout_rate, dropout_rng, deterministic: attention-probability dropout, ``xla`` only.
+    interpret: ``splash`` only: run the Pallas kernel in interpret mode; default True off TPU.
+  Returns:
+    [B, Lq, Hq, D] in ``dtype``.
+  Raises:
+    ValueError: unknown ``implementation`` (the message lists the choices); ``cudnn`` without a
+      GPU backend or with float32 inputs; ``splash`` where Pallas splash attention is missing;
+      dropout with an implementation other than ``xla``; bad ranks, head counts or segment shapes.
+  """
+  if query.ndim != 4 or key.ndim != 4 or value.ndim != 4:
+    raise ValueError(f"attention expects [B, L, H, D] inputs, got query {query.shape}, key "
+                     f"{key.shape}, value {value.shape}")
+  b, lq, hq, d = query.shape
+  lk, hkv = key.shape[1], key.shape[2]
+  if value.shape[:3] != key.shape[:3] or key.shape[0] != b or key.shape[3] != d:
+    raise ValueError(f"key {key.shape} and value {value.shape} must be [B, Lk, Hkv, D] with B and "
+                     f"D of query {query.shape}")
+  if hq % hkv:
+    raise ValueError(f"query heads ({hq}) must be a multiple of key/value heads ({hkv})")
+  if kv_segment_ids is None and segment_ids is not None:
+    if lq != lk:
+      raise ValueError(f"segment_ids alone need Lq == Lk (got {lq} and {lk}); pass "
+                       "kv_segment_ids [B, Lk] too")
+    kv_segment_ids = segment_ids
+  if (segment_ids is None) != (kv_segment_ids is None):
+    raise ValueError("pass segment_ids together with kv_segment_ids (or neither)")
+  if segment_ids is not None:
+    segment_ids = jnp.asarray(segment_ids, jnp.int32)
+    kv_segment_ids = jnp.asarray(kv_segment_ids, jnp.int32)
+    if segment_ids.shape != (b, lq) or kv_segment_ids.shape != (b, lk):
+      raise ValueError(f"segment_ids must be [B, Lq] = {(b, lq)} and kv_segment_ids [B, Lk] = "
+                       f"{(b, lk)}; got {segment_ids.shape} and {kv_segment_ids.shape}")
+  dtype = jnp.dtype(dtype or query.dtype)
+  if scale is None:
+    scale = d ** -0.5
+  scale = float(scale)
+  impl = resolve_implementation(implementation, key_length=lk, head_dim=d, dtype=dtype,
+                                has_segments=segment_ids is not None)
+  if impl != "xla" and not deterministic and dropout_rate > 0.0:
+    raise ValueError(f"attention dropout is implemented only by implementation='xla' (got "
+                     f"{impl!r} with dropout_rate={dropout_rate}); set the attention dropout to 0")
+  if impl == "xla":
+    return _xla_attention(query, key, value, segment_ids, kv_segment_ids, causal, scale, dtype,
+                          precision, dropout_rate, dropout_rng, deterministic)
+  if impl == "chunked":
+    return _chunked_attention(query, key, value, segment_ids, kv_segment_ids, causal, scale,
+                              block_size, dtype, precision)
+  if impl == "splash":
+    return _splash_attention(query, key, value, segment_ids, kv_segment_ids, causal, scale,
+                             block_size, dtype, interpret)
+  return _cudnn_attention(query, key, value, segment_ids, kv_segment_ids, causal, scale, dtype)
+
+
+def _backend() -> str:
+  return jax.default_backend()
+
+
+def resolve_implementation(implementation: str, *, key_length: int, head_dim: int, dtype: Any,
+                           has_segments: bool) -> str:
+  """The implementation :func:`attention` runs for ``implementation`` (resolves ``"auto"``).
+
+  Raises:
+    ValueError: unknown name (lists ``IMPLEMENTATIONS``); ``cudnn`` off GPU or in a dtype other
+      than float16/bfloat16.
+  """
+  if implementation not in IMPLEMENTATIONS:
+    raise ValueError(f"unknown attention implementation {implementation!r}; choose one of "
+                     f"{', '.join(IMPLEMENTATIONS)}")
+  backend = _backend()
+  cudnn_dtype = jnp.dtype(dtype) in (jnp.dtype(jnp.float16), jnp.dtype(jnp.bfloat16))
+  if implementation == "auto":
+    if backend == "tpu":
+      return "splash"
+    if (backend == "gpu" and cudnn_dtype and head_dim <= 128
+        and (not has_segments or key_length <= AUTO_CUDNN_MAX_MASKED_LENGTH)):
+      return "cudnn"
+    return "chunked" if key_length >= AUTO_CHUNKED_MIN_LENGTH else "xla"
+  if implementation == "cudnn":
+    if backend != "gpu":
+      raise ValueError(f"attention implementation 'cudnn' needs a CUDA GPU backend, but the JAX "
+                       f"backend is {backend!r}; use 'chunked' or 'xla' here (or 'splash' on TPU)")
+    if not cudnn_dtype:
+      raise ValueError(f"attention implementation 'cudnn' supports float16/bfloat16 only, got "
+                       f"{jnp.dtype(dtype).name}; pass dtype=bfloat16 or use 'chunked'")
+  return implementation
+
+
+def _allowed_mask(segment_ids, kv_segment_ids, causal: bool, lq: int, lk: int):
+  """Bool [B or 1, 1, Lq, Lk] of :func:`attention`'s ``allowed``, or None when all is allowed."""
+  mask = None
+  if segment_ids is not None:
+    mask = (segment_ids[:, :, None] == kv_segment_ids[:, None, :])[:, None]
+  if causal:
+    tri = (jnp.arange(lk)[None, :] <= jnp.arange(lq)[:, None] + (lk - lq))[None, None]
+    mask = tri if mask is None else mask & tri
+  return mask
+
+
+def _xla_attention(query, key, value, segment_ids, kv_segment_ids, causal, scale, dtype,
+                   precision, dropout_rate, dropout_rng, deterministic):
+  groups = query.shape[2] // key.shape[2]
+  if groups > 1:
+    key = jnp.repeat(key, groups, axis=2)
+    value = jnp.repeat(value, groups, axis=2)
+  mask = _allowed_mask(segment_ids, kv_segment_ids, causal, query.shape[1], key.shape[1])
+  out = dot_product_attention(query, key, value, mask=mask, scale=scale,
+                              dropout_rate=dropout_rate, dropout_rng=dropout_rng,
+                              deterministic=deterministic, dtype=dtype, precision=precision)
+  if mask is not None:  # rows without any allowed key: 0 (as chunked), not the uniform average
+    has_key = jnp.any(mask, axis=-1)[:, 0, :, None, None]  # [B, Lq, 1, 1]
+    out = jnp.where(has_key, out, jnp.zeros((), out.dtype))
+  return out
+
+
+# ----------------------------------------- chunked -------------------------------------------------
+
+
+def _round_up(x: int, m: int) -> int:
+  return -(-x // m) * m
+
+
+def _pad_axis(x, axis: int, length: int, value=0):
+  if x.shape[axis] == length:
+    return x
+  pad = [(0, 0)] * x.ndim
+  pad[axis] = (0, length - x.shape[axis])
+  return jnp.pad(x, pad, constant_values=value)
+
+
+def _chunked_attention(query, key, value, segment_ids, kv_segment_ids, causal, scale, block_size,
+                       dtype, precision):
+  b, lq, hq, d = query.shape
+  lk, hkv = key.shape[1], key.shape[2]
+  if block_size < 1:
+    raise ValueError(f"block_size must be positive, got {block_size}")
+  bq, bk = min(block_size, lq), min(block_size, lk)
+  lqp, lkp = _round_up(lq, bq), _round_up(lk, bk)
+  if segment_ids is None:
+    segment_ids = jnp.zeros((b, lq), jnp.int32)
+    kv_segment_ids = jnp.zeros((b, lk), jnp.int32)
+  qs = _pad_axis(segment_ids, 1, lqp, _PAD_SEGMENT)
+  ks = _pad_axis(kv_segment_ids, 1, lkp, _PAD_SEGMENT)
+  # [B, L, H, D] -> [B, Hkv, G, L, D] (q) and [B, Hkv, L, D] (k, v).
+  q = _pad_axis(query, 1, lqp).reshape(b, lqp, hkv, hq // hkv, d).transpose(0, 2, 3, 1, 4)
+  k = _pad_axis(key, 1, lkp).transpose(0, 2, 1, 3)
+  v = _pad_axis(value, 1, lkp).transpose(0, 2, 1, 3)
+  cfg = _ChunkConfig(causal=bool(causal), scale=scale, block_q=bq, block_k=bk,
+                     offset=lk - lq, dtype=jnp.dtype(dtype), precision=precision)
+  out = _flash(cfg, q, k, v, qs, ks)  # [B, Hkv, G, Lqp, D]
+  out = out.transpose(0, 3, 1, 2, 4).reshape(b, lqp, hq, d)
+  return out[:, :lq]
+
+
+class _ChunkConfig(NamedTuple):
+  causal: bool
+  scale: float
+  block_q: int
+  block_k: int
+  offset: int  # Lk - Lq of the unpadded lengths: query i sees key j iff j <= i + offset
+  dtype: Any
+  precision: Any
+
+
+def _blocks(x, axis: int, block: int):
+  """Split ``axis`` into blocks and move the block index to the front."""
+  n = x.shape[axis] // block
+  x = x.reshape(x.shape[:axis] + (n, block) + x.shape[axis + 1:])
+  return jnp.moveaxis(x, axis, 0)
+
+
+def _unblocks(x, axis: int):
+  """Inverse of :func:`_blocks` (block index at the front -> ``axis``)."""
+  x = jnp.moveaxis(x, 0, axis)
+  return x.reshape(x.shape[:axis] + (x.shape[axis] * x.shape[axis + 1],) + x.shape[axis + 2:])
+
+
+def _block_mask(cfg: _ChunkConfig, i, j, qs_i, ks_j):
+  """Bool [B, 1, 1, bq, bk] allowed pairs of query block i and key block j."""
+  mask = qs_i[:, :, None] == ks_j[:, None, :]
+  if cfg.causal:
+    qpos = i * cfg.block_q + jnp.arange(cfg.block_q)
+    kpos = j * cfg.block_k + jnp.arange(cfg.block_k)
+    mask = mask & (kpos[None, :] <= qpos[:, None] + cfg.offset)[None]
+  return mask[:, None, None]
+
+
+def _segments_overlap(q_lo, q_hi, k_lo, k_hi):
+  """Whether some batch row's query and key blocks share a segment id range (else skip the block)."""
+  return jnp.any((q_hi >= k_lo) & (k_hi >= q_lo))
+
+
+def _causal_key_blocks(cfg: _ChunkConfig, i, num_k):
+  """Key blocks 0..hi-1 hold keys that query block i may see under the causal mask."""
+  last_query = i * cfg.block_q + cfg.block_q - 1 + cfg.offset
+  return jnp.clip(jnp.floor_divide(last_query, cfg.block_k) + 1, 0, num_k)
+
+
+def _causal_first_query_block(cfg: _ChunkConfig, j, num_q):
+  """First query block that may see key block j under the causal mask."""
+  # smallest i with i * bq + bq - 1 + offset >= j * bk
+  need = j * cfg.block_k - cfg.offset - (cfg.block_q - 1)
+  return jnp.clip(-jnp.floor_divide(-need, cfg.block_q), 0, num_q)
+
+
+def _scores(cfg: _ChunkConfig, q_i, k_j):
+  s = jnp.einsum("bhgqd,bhkd->bhgqk", q_i, k_j, precision=cfg.precision,
+                 preferred_element_type=jnp.float32)
+  return s * cfg.scale
+
+
+def _flash_forward(cfg: _ChunkConfig, q, k, v, qs, ks):
+  """out [B, Hkv, G, Lqp, D] (cfg.dtype) and float32 log-sum-exp [B, Hkv, G, Lqp]."""
+  b, hkv, g, lqp, d = q.shape
+  nq, nk = lqp // cfg.block_q, k.shape[2] // cfg.block_k
+  kb, vb, ksb = _blocks(k, 2, cfg.block_k), _blocks(v, 2, cfg.block_k), _blocks(ks, 1, cfg.block_k)
+  k_lo, k_hi = ksb.min(-1), ksb.max(-1)  # [nk, B]
+
+  def query_block(args):
+    i, q_i, qs_i = args
+    q_lo, q_hi = qs_i.min(-1), qs_i.max(-1)
+
+    def step(j, carry):
+      def compute(carry):
+        m, l, acc = carry
+        k_j, v_j, ks_j = kb[j], vb[j], ksb[j]
+        mask = _block_mask(cfg, i, j, qs_i, ks_j)
+        s = jnp.where(mask, _scores(cfg, q_i, k_j), _NEG)
+        m_new = jnp.maximum(m, s.max(-1))
+        p = jnp.where(mask, jnp.exp(s - m_new[..., None]), 0.0)
+        alpha = jnp.exp(m - m_new)
+        l = alpha * l + p.sum(-1)
+        pv = jnp.einsum("bhgqk,bhkd->bhgqd", p.astype(cfg.dtype), v_j.astype(cfg.dtype),
+                        precision=cfg.precision, preferred_element_type=jnp.float32)
+        return m_new, l, alpha[..., None] * acc + pv
+
+      return jax.lax.cond(_segments_overlap(q_lo, q_hi, k_lo[j], k_hi[j]), compute,
+                          lambda c: c, carry)
+
+    init = (jnp.full((b, hkv, g, cfg.block_q), _NEG, jnp.float32),
+            jnp.zeros((b, hkv, g, cfg.block_q), jnp.float32),
+            jnp.zeros((b, hkv, g, cfg.block_q, d), jnp.float32))
+    hi = _causal_key_blocks(cfg, i, nk) if cfg.causal else nk
+    m, l, acc = jax.lax.fori_loop(0, hi, step, init)
+    has_key = l > 0
+    out = acc / jnp.where(has_key, l, 1.0)[..., None]
+    lse = jnp.where(has_key, m + jnp.log(jnp.where(has_key, l, 1.0)), 0.0)
+    return out.astype(cfg.dtype), lse
+
+  out, lse = jax.lax.map(query_block, (jnp.arange(nq), _blocks(q, 3, cfg.block_q),
+                                       _blocks(qs, 1, cfg.block_q)))
+  return _unblocks(out, 3), _unblocks(lse, 3)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _flash(cfg: _ChunkConfig, q, k, v, qs, ks):
+  return _flash_forward(cfg, q, k, v, qs, ks)[0]
+
+
+def _flash_fwd(cfg, q, k, v, qs, ks):
+  out, lse = _flash_forward(cfg, q, k, v, qs, ks)
+  return out, (q, k, v, qs, ks, out, lse)
+
+
+def _flash_bwd(cfg, residuals, d_out):
+  """FlashAttention-2 backward: one pass over key blocks, recomputing each score block."""
+  q, k, v, qs, ks, out, lse = residuals
+  b, hkv, g, lqp, d = q.shape
+  nq, nk = lqp // cfg.block_q, k.shape[2] // cfg.block_k
+  # delta_i = sum_d dO_i * O_i  (= sum_j P_ij dP_ij), float32 [B, Hkv, G, Lqp]
+  delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
+  qb, dob = _blocks(q, 3, cfg.block_q), _blocks(d_out, 3, cfg.block_q)
+  lseb, deltab = _blocks(lse, 3, cfg.block_q), _blocks(delta, 3, cfg.block_q)
+  qsb = _blocks(qs, 1, cfg.block_q)
+  q_lo, q_hi = qsb.min(-1), qsb.max(-1)  # [nq, B]
+
+  def key_block(dq, args):
+    j, k_j, v_j, ks_j = args
+    k_lo, k_hi = ks_j.min(-1), ks_j.max(-1)
+
+    def step(i, carry):
+      def compute(carry):
+        dk_j, dv_j, dq = carry
+        q_i, do_i = qb[i], dob[i].astype(cfg.dtype)
+        mask = _block_mask(cfg, i, j, qsb[i], ks_j)
+        p = jnp.where(mask, jnp.exp(_scores(cfg, q_i, k_j) - lseb[i][..., None]), 0.0)
+        dv_j = dv_j + jnp.einsum("bhgqk,bhgqd->bhkd", p.astype(cfg.dtype), do_i,
+                                 precision=cfg.precision, preferred_element_type=jnp.float32)
+        dp = jnp.einsum("bhgqd,bhkd->bhgqk", do_i, v_j.astype(cfg.dtype),
+                        precision=cfg.precision, preferred_element_type=jnp.float32)
+        ds = (p * (dp - deltab[i][..., None]) * cfg.scale).astype(cfg.dtype)
+        dk_j = dk_j + jnp.einsum("bhgqk,bhgqd->bhkd", ds, q_i.astype(cfg.dtype),
+                                 precision=cfg.precision, preferred_element_type=jnp.float32)
+        dq_i = jnp.einsum("bhgqk,bhkd->bhgqd", ds, k_j.astype(cfg.dtype),
+                          precision=cfg.precision, preferred_element_type=jnp.float32)
+        dq = jax.lax.dynamic_update_index_in_dim(dq, dq[i] + dq_i, i, 0)
+        return dk_j, dv_j, dq
+
+      return jax.lax.cond(_segments_overlap(q_lo[i], q_hi[i], k_lo, k_hi), compute,
+                          lambda c: c, carry)
+
+    init = (jnp.zeros((b, hkv, cfg.block_k, d), jnp.float32),
+            jnp.zeros((b, hkv, cfg.block_k, d), jnp.float32), dq)
+    lo = _causal_first_query_block(cfg, j, nq) if cfg.causal else 0
+    dk_j, dv_j, dq = jax.lax.fori_loop(lo, nq, step, init)
+    return dq, (dk_j, dv_j)
+
+  dq0 = jnp.zeros((nq, b, hkv, g, cfg.block_q, d), jnp.float32)
+  dq, (dk, dv) = jax.lax.scan(
+      key_block, dq0, (jnp.arange(nk), _blocks(k, 2, cfg.block_k), _blocks(v, 2, cfg.block_k),
+                       _blocks(ks, 1, cfg.block_k)))
+  return (_unblocks(dq, 3).astype(q.dtype), _unblocks(dk, 2).astype(k.dtype),
+          _unblocks(dv, 2).astype(v.dtype), None, None)
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)
+
+
+# ----------------------------------------- splash --------------------------------------------------
+
+
+def _splash_attention(query, key, value, segment_ids, kv_segment_ids, causal, scale, block_size,
+                      dtype, interpret):
+  try:
+    from jax.experimental.pallas.ops.tpu import splash_attention as splash
+  except ImportError as e:  # pragma: no cover - depends on the installed jax
+    raise ValueError(f"attention implementation 'splash' needs jax.experimental.pallas.ops.tpu."
+                     f"splash_attention, which this jax {jax.__version__} lacks ({e}); use "
+                     "'chunked'") from e
+  if interpret is None:
+    interpret = _backend() != "tpu"
+  b, lq, hq, d = query.shape
+  lk, hkv = key.shape[1], key.shape[2]
+  lanes = 128  # the kernel's block sizes must be multiples of the TPU lane width
+  block = max(lanes, (block_size // lanes) * lanes)
+  bq, bk = min(block, _round_up(lq, lanes)), min(block, _round_up(lk, lanes))
+  lqp, lkp = _round_up(lq, bq), _round_up(lk, bk)
+  if lqp > lq and lkp == lk:
+    lkp += bk  # padded query rows need a padded key to attend (else their softmax is undefined)
+  if segment_ids is None:
+    segment_ids = jnp.zeros((b, lq), jnp.int32)
+    kv_segment_ids = jnp.zeros((b, lk), jnp.int32)
+  qs = _pad_axis(segment_ids, 1, lqp, _PAD_SEGMENT)
+  ks = _pad_axis(kv_segment_ids, 1, lkp, _PAD_SEGMENT)
+  # The kernel does not scale the scores; it takes [H, L, D] per batch row.
+  q = _pad_axis(query * jnp.asarray(scale, query.dtype), 1, lqp).transpose(0, 2, 1, 3)
+  k = _pad_axis(key, 1, lkp).transpose(0, 2, 1, 3)
+  v = _pad_axis(value, 1, lkp).transpose(0, 2, 1, 3)
+  if causal:
+    head_mask = splash.CausalMask((lqp, lkp), offset=lk - lq)
+  else:
+    head_mask = splash.FullMask((lqp, lkp))
+  mask = splash.MultiHeadMask([head_mask] * hq)
+  sizes = splash.BlockSizes(block_q=bq, block_kv=bk, block_kv_compute=bk, block_q_dkv=bq,
+                            block_kv_dkv=bk, block_kv_dkv_compute=bk, block_q_dq=bq,
+                            block_kv_dq=bk)
+  kernel = splash.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1,
+                                  interpret=interpret)
+  run = lambda q_b, k_b, v_b, qs_b, ks_b: kernel(
+      q_b, k_b, v_b, segment_ids=splash.SegmentIds(q=qs_b, kv=ks_b))
+  out = jax.vmap(run)(q, k, v, qs, ks)  # [B, Hq, Lqp, D]
+  return out.transpose(0, 2, 1, 3)[:, :lq].astype(dtype)
+
+
+# ----------------------------------------- cudnn ---------------------------------------------------
+
+
+def _cudnn_arguments(query, key, value, segment_ids, kv_segment_ids, causal, scale):
+  """Keyword arguments of ``jax.nn.dot_product_attention`` computing :func:`attention`.
+
+  cuDNN's causal mask (``is_causal``) is aligned at the top-left corner, which equals the
+  end-aligned one only for Lq == Lk; otherwise the causal triangle joins the boolean ``mask``.
+  Segments go in ``mask`` as their equality matrix [B, 1, Lq, Lk].
+  """
+  lq, lk = query.shape[1], key.shape[1]
+  mask = None
+  if segment_ids is not None:
+    mask = (segment_ids[:, :, None] == kv_segment_ids[:, None, :])[:, None]
+  is_causal = bool(causal) and lq == lk
+  if causal and lq != lk:
+    tri = (jnp.arange(lk)[None, :] <= jnp.arange(lq)[:, None] + (lk - lq))[None, None]
+    mask = tri if mask is None else mask & tri
+  return dict(query=query, key=key, value=value, mask=mask, is_causal=is_causal, scale=scale)
+
+
+def _cudnn_attention(query, key, value, segment_ids, kv_segment_ids, causal, scale, dtype):
+  cdtype = jnp.dtype(dtype)
+  args = _cudnn_arguments(query.astype(cdtype), key.astype(cdtype), value.astype(cdtype),
+                          segment_ids, kv_segment_ids, causal, scale)
+  return jax.nn.dot_product_attention(**args, implementation="cudnn").astype(dtype)
