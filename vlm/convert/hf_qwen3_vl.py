@@ -81,7 +81,8 @@ def config_to_hf(config: Qwen3VLConfig) -> dict:
     text.update(num_experts=t.num_experts, num_experts_per_tok=t.num_experts_per_tok,
                 moe_intermediate_size=t.moe_intermediate_size,
                 decoder_sparse_step=t.decoder_sparse_step,
-                mlp_only_layers=list(t.mlp_only_layers), norm_topk_prob=t.norm_topk_prob)
+                mlp_only_layers=list(t.mlp_only_layers), norm_topk_prob=t.norm_topk_prob,
+                router_aux_loss_coef=t.router_aux_loss_coef)
   vision = {f.name: getattr(config.vision, f.name) for f in dataclasses.fields(config.vision)}
   vision = {k: list(v) if isinstance(v, tuple) else v for k, v in vision.items()}
   vision["model_type"] = "qwen2_5_vl" if qwen25 else f"{mt}"

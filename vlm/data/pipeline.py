@@ -48,8 +48,12 @@ def _get(cfg: Any, name: str, default: Any) -> Any:
     return default
 
 
-def _split_paths(data_cfg: Any, split: str) -> tuple[str, str]:
-  """(annotation json, image dir) of ``split`` ("train" | "val"), resolved."""
+def split_paths(data_cfg: Any, split: str) -> tuple[str, str]:
+  """(annotation json, image dir) of ``split`` ("train" | "val"), resolved.
+
+  Raises:
+    ValueError: another split name.
+  """
   if split not in ("train", "val"):
     raise ValueError(f"split must be 'train' or 'val', got {split!r}")
   root = resolve_path(_get(data_cfg, "root", "data/coco"))
@@ -288,7 +292,7 @@ def build_blip2_train_loader(
   on_bad_sample = _get(data_cfg, "on_bad_sample", "skip")
   max_words = int(_get(data_cfg, "max_words", 50))
 
-  ann, image_dir = _split_paths(data_cfg, "train")
+  ann, image_dir = split_paths(data_cfg, "train")
   source = CocoCaptionsSource(ann, image_dir)
   kept, stats = validate_records(
       source, max_words=max_words, on_bad_sample=on_bad_sample,
@@ -427,7 +431,7 @@ def validate_retrieval_split(data_cfg: Any, split: str = "val", *,
   if validate_images not in _VALIDATE_IMAGES:
     raise ValueError(f"validate_images must be one of {_VALIDATE_IMAGES}, got "
                      f"{validate_images!r}")
-  ann, image_dir = _split_paths(data_cfg, split)
+  ann, image_dir = split_paths(data_cfg, split)
   data = load_coco_retrieval(ann, image_dir)
   decode = validate_images == "decode"
   paths = list(dict.fromkeys(data["image_paths"]))
@@ -472,7 +476,7 @@ def build_retrieval_eval_data(data_cfg: Any, split: str = "val",
       checks cheaply before training.
     FileNotFoundError / ValueError: as :func:`load_coco_retrieval`.
   """
-  ann, image_dir = _split_paths(data_cfg, split)
+  ann, image_dir = split_paths(data_cfg, split)
   data = load_coco_retrieval(ann, image_dir)
   size = int(_get(data_cfg, "image_size", 224))
   max_words = int(_get(data_cfg, "max_words", 50))

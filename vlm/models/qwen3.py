@@ -93,6 +93,8 @@ class Qwen3TextConfig:
   ``(i + 1) % decoder_sparse_step == 0`` (HF ``Qwen3MoeDecoderLayer``); sparse layers use
   ``moe_intermediate_size``, dense layers ``intermediate_size``. ``norm_topk_prob`` renormalises
   the top-k router probabilities (Qwen3-VL-MoE in 4.57.1 always does; set it True there).
+  ``router_aux_loss_coef`` weighs the load-balancing loss in training (HF's field, default 0.001;
+  used by :func:`vlm.tasks.qwen_vl.loss_fn`, not by the forward pass).
   Raises:
     ValueError: inconsistent head counts, widths, MoE settings or an unknown activation.
   """
@@ -115,6 +117,7 @@ class Qwen3TextConfig:
   num_experts_per_tok: int = 8
   moe_intermediate_size: int = 768
   norm_topk_prob: bool = True
+  router_aux_loss_coef: float = 0.001
   decoder_sparse_step: int = 1
   mlp_only_layers: tuple[int, ...] = ()
   mrope_section: tuple[int, ...] | None = None

@@ -1,0 +1,172 @@
+"""The Qwen-VL task loss against HF transformers 4.57.1 (float32, tiny random configs).
+
+``Qwen3VLForConditionalGeneration(labels=...)`` / ``Qwen3VLMoeForConditionalGeneration(labels=...,
+output_router_logits=True)`` on a right-padded batch of two rows (row 0: two images; row 1: an
+image and a video) against :func:`vlm.tasks.qwen_vl.loss_fn` on the same rows written in the
+training batch schema (host-shifted labels, ``loss_mask``, per-row patch buffers, segment ids):
+the loss within 1e-5, the MoE load-balancing term within 1e-6, and the gradient of every
+parameter within 1e-5 of torch's ``backward()`` (HF names via the converter, which only
+transposes and reshapes).
+"""
+import numpy as np
+import pytest
+import torch
+
+import chex
+import jax
+import jax.numpy as jnp
+
+from tests.equivalence import test_qwen3_vl as ref
+from vlm.convert.hf_qwen3_vl import hf_state_from_params, load_hf_qwen3_vl
+from vlm.models.qwen3_vl import Qwen3VL, visual_token_index
+from vlm.models.qwen_vit import vision_inputs
+from vlm.models.rope_index import qwen3_vl_get_rope_index
+from vlm.tasks import qwen_vl
+
+TOL = 1e-5
+NP = 128  # patch buffer per row
+
+
+def _rows():
+  """Unpadded token rows, their image grids and video grids, and their patches."""
+  rng = np.random.RandomState(0)
+  txt = lambda n: list(rng.randint(1, 200, size=n))
+  blk = lambda g, tok=ref.IMG: [ref.VS] + [tok] * (int(np.prod(g)) // 4) + [ref.VE]
+  t, h, w = ref.VGRIDS[0]
+  video = sum((txt(2) + blk((1, h, w), ref.VID) for _ in range(t)), [])
+  rows = [txt(3) + blk(ref.GRIDS[0]) + txt(2) + blk(ref.GRIDS[1]) + txt(5),
+          txt(2) + blk(ref.GRIDS[2]) + txt(1) + video + txt(4)]
+  grids = [ref.GRIDS[:2], ref.GRIDS[2:]]
+  vgrids = [np.zeros((0, 3), np.int64), ref.VGRIDS]
+  f = 3 * 2 * ref.VISION["patch_size"] ** 2
+  pixels = [rng.standard_normal((int(np.prod(g, axis=1).sum()) + int(np.prod(v, axis=1).sum()),
+                                 f)).astype(np.float32) for g, v in zip(grids, vgrids)]
+  return rows, grids, vgrids, pixels
+
+
+def _batches(config):
+  rows, grids, vgrids, pixels = _rows()
+  n = max(map(len, rows))
+  b = len(rows)
+  ids = np.zeros((b, n), np.int64)
+  mask = np.zeros((b, n), np.int64)
+  for i, r in enumerate(rows):
+    ids[i, :len(r)], mask[i, :len(r)] = r, 1
+  vision_tok = (ids == ref.IMG) | (ids == ref.VID)
+  hf_labels = np.where(mask.astype(bool) & ~vision_tok, ids, -100)
+  # HF inputs: images of all rows, then videos, flattened
+  img_px = np.concatenate([p[:int(np.prod(g, axis=1).sum())] for p, g in zip(pixels, grids)])
+  vid_px = np.concatenate([p[int(np.prod(g, axis=1).sum()):] for p, g in zip(pixels, grids)])
+  hf = dict(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
+            pixel_values=torch.tensor(img_px), image_grid_thw=torch.tensor(ref.GRIDS),
+            pixel_values_videos=torch.tensor(vid_px), video_grid_thw=torch.tensor(ref.VGRIDS),
+            labels=torch.tensor(hf_labels))
+  # vlm training schema: per-row positions, patches, tables and gather index
+  position_ids = np.zeros((3, b, n), np.int32)
+  pv = np.zeros((b, NP, pixels[0].shape[1]), np.float32)
+  index = np.full((b, n), -1, np.int32)
+  tables = []
+  for i in range(b):
+    row_ids, row_mask = ids[i:i + 1], mask[i:i + 1]
+    vg = vgrids[i] if len(vgrids[i]) else None
+    pos, _ = qwen3_vl_get_rope_index(row_ids, grids[i], vg, row_mask, 2, ref.IMG, ref.VID, ref.VS)
+    position_ids[:, i] = np.where(row_mask[0].astype(bool), pos[:, 0], 0)
+    pv[i, :len(pixels[i])] = pixels[i]
+    n_img = int(np.prod(grids[i], axis=1).sum()) // 4
+    index[i] = visual_token_index(row_ids, ref.IMG, ref.VID, video_offset=n_img)[0]
+    tables.append(vision_inputs(config.vision, np.concatenate([grids[i], vgrids[i]]),
+                                max_patches=NP))
+  labels = np.zeros((b, n), np.int32)
+  labels[:, :-1] = ids[:, 1:]
+  loss_mask = (hf_labels[:, 1:] != -100).astype(np.float32)
+  loss_mask = np.concatenate([loss_mask, np.zeros((b, 1), np.float32)], axis=1)
+  batch = {"input_ids": ids.astype(np.int32), "segment_ids": mask.astype(np.int32),
+           "position_ids": position_ids, "labels": labels * (loss_mask > 0),
+           "loss_mask": loss_mask, "pixel_values": pv,
+           "vision": {k: np.stack([t[k] for t in tables]) for k in tables[0]},
+           "visual_token_index": index}
+  return hf, batch
+
+
+@pytest.mark.parametrize("moe", [False, True], ids=["dense", "moe"])
+def test_loss_and_gradients_match_hf(tmp_path, moe):
+  hf_model = ref._hf_model(moe)
+  hf_model.save_pretrained(tmp_path, safe_serialization=True)
+  config, params = load_hf_qwen3_vl(str(tmp_path))
+  hf_in, batch = _batches(config)
+  kwargs = {"output_router_logits": True} if moe else {}
+  out = hf_model(**hf_in, **kwargs)
+  out.loss.backward()
+  want_grads = {k: v.grad.numpy() for k, v in hf_model.named_parameters() if v.grad is not None}
+
+  model = Qwen3VL(config)
+  # chunk_size 8 does not divide the row length: the tail chunk is exercised too
+  fn = jax.jit(jax.value_and_grad(
+      lambda p: qwen_vl.loss_fn(model, p, batch, None, chunk_size=8), has_aux=True))
+  (loss, metrics), grads = fn(params)
+  chex.assert_tree_all_finite(grads)
+  err = abs(float(loss) - float(out.loss))
+  print(f"{'moe' if moe else 'dense'} loss vlm {float(loss):.6f} HF {float(out.loss):.6f} "
+        f"err {err:.2e}")
+  assert err <= TOL
+  assert float(metrics["loss_weight"]) == float((hf_in["labels"][:, 1:] != -100).sum())
+  if moe:
+    aux_err = abs(float(metrics["aux_loss"]) - float(out.aux_loss))
+    print(f"aux loss err {aux_err:.2e}")
+    assert float(out.aux_loss) > 0 and aux_err <= 1e-6
+  else:
+    assert float(metrics["aux_loss"]) == 0.0
+
+  got = hf_state_from_params(config, jax.device_get(grads))
+  # HF keeps the model under model.* and tied heads out of named_parameters
+  want = {k: v for k, v in want_grads.items()}
+  missing = sorted(set(want) - set(got))
+  assert not missing, missing[:5]
+  worst = max((float(np.abs(got[k] - want[k]).max()), k) for k in want)
+  print(f"max gradient err {worst[0]:.2e} ({worst[1]}) over {len(want)} parameters")
+  assert worst[0] <= TOL
+  # every trainable tensor received a gradient somewhere (nothing silently detached)
+  nonzero = [k for k in want if np.abs(got[k]).max() > 0]
+  assert len(nonzero) >= len(want) - 2
+
+
+def test_packed_loss_is_token_weighted_mean(tmp_path):
+  """Both rows packed into one row (two segments) give the token-weighted mean of the rows'
+  losses: the loss of the packed batch equals the loss of the padded two-row batch."""
+  hf_model = ref._hf_model(False)
+  hf_model.save_pretrained(tmp_path, safe_serialization=True)
+  config, params = load_hf_qwen3_vl(str(tmp_path))
+  _, batch = _batches(config)
+  model = Qwen3VL(config)
+  lengths = batch["segment_ids"].sum(1)
+  n = int(lengths.sum())
+  packed = {"vision": {}}
+  for k in ("input_ids", "labels", "loss_mask", "visual_token_index"):
+    parts = [batch[k][i, :lengths[i]] for i in range(2)]
+    if k == "visual_token_index":
+      off = int((batch["vision"]["segment_ids"][0] > 0).sum()) // 4
+      parts[1] = np.where(parts[1] >= 0, parts[1] + off, -1)
+    packed[k] = np.concatenate(parts)[None]
+  packed["segment_ids"] = np.concatenate([np.full(lengths[0], 1), np.full(lengths[1], 2)])[None]
+  packed["position_ids"] = np.concatenate(
+      [batch["position_ids"][:, i, :lengths[i]] for i in range(2)], axis=1)[:, None]
+  rows, grids, vgrids, pixels = _rows()
+  pv = np.zeros((1, 2 * NP, pixels[0].shape[1]), np.float32)
+  allpx = np.concatenate(pixels)
+  pv[0, :len(allpx)] = allpx
+  packed["pixel_values"] = pv
+  t = vision_inputs(config.vision, np.concatenate([grids[0], vgrids[0], grids[1], vgrids[1]]),
+                    max_patches=2 * NP)
+  packed["vision"] = {k: v[None] for k, v in t.items()}
+  assert packed["input_ids"].shape == (1, n)
+  f = jax.jit(lambda p, b: qwen_vl.loss_fn(model, p, b, None, chunk_size=16))
+  loss_rows, m_rows = f(params, batch)
+  loss_packed, m_packed = f(params, packed)
+  per_row = [f(params, jax.tree.map(lambda x: x[i:i + 1] if x.shape[0] == 2 else x[:, i:i + 1],
+                                    batch))
+             for i in range(2)]
+  weights = [float(m["loss_weight"]) for _, m in per_row]
+  mean = sum(float(l) * w for (l, _), w in zip(per_row, weights)) / sum(weights)
+  print(f"packed {float(loss_packed):.6f} rows {float(loss_rows):.6f} weighted mean {mean:.6f}")
+  np.testing.assert_allclose(float(loss_packed), mean, atol=1e-5)
+  np.testing.assert_allclose(float(loss_rows), mean, atol=1e-5)

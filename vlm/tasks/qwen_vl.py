@@ -1,0 +1,442 @@
+"""Qwen3-VL / Qwen3-VL-MoE / Qwen2.5-VL training as a task of the trainer (stages A, B, C, SFT).
+
+One recipe module for every Qwen-VL stage; a stage is a config (``configs/qwen3_vl/*.py``, built
+by :func:`qwen_vl_config`):
+
+* **A** (vision-language alignment): the ViT, the patch merger and the DeepStack mergers train,
+  the LLM is frozen; variant ``merger_only`` trains only the mergers (the Qwen3-VL report's first
+  stage, arXiv:2511.21631 section 3). Pre-training rows: image + caption, loss on the caption.
+* **B** (multimodal pre-training): everything trains, 8,192-token packed rows.
+* **C** (long context): everything trains, 32,768-token packed rows (chunked attention).
+* **SFT** (instruction tuning): everything trains on chat turns, loss on assistant tokens only.
+
+Pieces: the model is :class:`vlm.models.qwen3_vl.Qwen3VL` (or ``Qwen2_5_VL``) from a preset or an
+HF ``config.json``; the data is the packed, checkpointable stream of
+:func:`vlm.data.qwen_batch.build_qwen_train_loader` (batch schema in :mod:`vlm.data.packing`);
+the loss is next-token cross-entropy over ``loss_mask`` tokens from the final hidden states in
+sequence chunks (:func:`vlm.objectives.lm.chunked_next_token_loss`, never ``[B, L, V]`` float32
+logits) plus, for MoE models, ``router_aux_loss_coef`` x the load-balancing loss of HF
+``load_balancing_loss_func`` (:func:`vlm.objectives.moe.load_balancing_loss`, padding masked);
+initial weights come from an HF directory (:func:`vlm.convert.hf_qwen3_vl.load_hf_qwen3_vl`)
+placed leaf by leaf into their shardings; evaluation is the held-out loss and greedy captions of
+the held-out COCO photos scored with CIDEr / BLEU-4 beside the most-frequent-caption baseline.
+
+Loss normalisation: the token losses are summed over the global batch and divided by its number
+of loss tokens (``metrics["loss_weight"]`` carries that count, so gradient accumulation over
+microbatches gives exactly the big-batch gradient). This equals HF
+``Qwen3VLForConditionalGeneration(labels=...)`` for the same batch (HF shifts ``labels`` on the
+device; here the batch builder shifts them on the host inside each packed sample).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import time
+from typing import Any, Mapping
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from vlm.nn import partitioning as P
+
+log = logging.getLogger("vlm.train")
+
+LOG_KEYS = ("loss", "nll", "aux_loss", "accuracy")
+THROUGHPUT_UNIT = "tokens"
+
+# Parameter groups by path (the "vision" group includes the patch embedding, the learned
+# position table and the DeepStack mergers: everything under ``visual/``).
+VISION = r"^visual/"
+MERGERS = r"^visual/(merger|deepstack_merger_list_\d+)/"
+LLM = r"^(language_model|lm_head)/"
+FROZEN = {
+    "a": [LLM],
+    "a_merger_only": [LLM, r"^visual/(?!(merger|deepstack_merger_list_\d+)/)"],
+    "b": [],
+    "c": [],
+    "sft": [],
+}
+
+
+def dtype_of(name: str):
+  """``"float32" | "bfloat16" | "float16"`` -> the jnp dtype. Raises ValueError otherwise."""
+  try:
+    return {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}[name]
+  except KeyError:
+    raise ValueError(f"dtype must be float32, bfloat16 or float16, got {name!r}") from None
+
+
+def model_config(config):
+  """The :class:`~vlm.models.qwen3_vl.Qwen3VLConfig` (or ``Qwen2_5_VLConfig``) of the run: the
+  ``config.json`` of ``config.init.hf_checkpoint`` when set, else ``config.model.preset``; text
+  fields in ``config.model.text_overrides`` (e.g. ``moe_implementation``) are replaced.
+
+  Raises:
+    FileNotFoundError: an HF directory without ``config.json``.
+    KeyError: an unknown preset (the known ones are listed).
+  """
+  from vlm.convert.hf_qwen3_vl import config_from_hf
+  from vlm.models import presets
+  hf_dir = config.init.get("hf_checkpoint", "")
+  if hf_dir:
+    path = os.path.join(hf_dir, "config.json")
+    if not os.path.isfile(path):
+      raise FileNotFoundError(f"config.init.hf_checkpoint={hf_dir!r} has no config.json; pass an "
+                              "HF save_pretrained directory of Qwen3-VL, Qwen3-VL-MoE or "
+                              "Qwen2.5-VL")
+    with open(path) as fh:
+      cfg = config_from_hf(json.load(fh))
+  else:
+    cfg = presets.get_preset(config.model.preset)
+  overrides = dict(config.model.get("text_overrides", {}) or {})
+  if overrides:
+    cfg = dataclasses.replace(cfg, text=dataclasses.replace(cfg.text, **overrides))
+  return cfg
+
+
+def build_model(config):
+  """``Qwen3VL`` / ``Qwen2_5_VL`` with the run's dtypes and ``scan_layers`` / ``remat``."""
+  from vlm.models.qwen3_vl import Qwen2_5_VL, Qwen2_5_VLConfig, Qwen3VL
+  cfg = model_config(config)
+  cls = Qwen2_5_VL if isinstance(cfg, Qwen2_5_VLConfig) else Qwen3VL
+  return cls(cfg, dtype=dtype_of(config.model.dtype), param_dtype=dtype_of(config.model.param_dtype),
+             scan_layers=bool(config.model.get("scan_layers", False)),
+             remat=bool(config.model.get("remat", False)))
+
+
+def _pad_token_id(config) -> int:
+  from vlm.data import qwen_processor as qp
+  return qp.Qwen3Tokenizer(config.data.get("tokenizer_file", qp.DEFAULT_TOKENIZER_FILE)).pad_token_id
+
+
+def example_batch(config, batch_size: int = 1) -> dict[str, Any]:
+  """An all-padding batch of the packed schema (:func:`vlm.data.packing.empty_batch`)."""
+  from vlm.data import packing
+  cfg = model_config(config)
+  return packing.empty_batch(batch_size, int(config.data.max_length), int(config.data.max_patches),
+                             cfg.vision, _pad_token_id(config))
+
+
+def _model_args(batch):
+  return (batch["input_ids"], batch["position_ids"], None, batch["pixel_values"], batch["vision"],
+          batch["visual_token_index"])
+
+
+def init_model(model, rng, batch):
+  """``model.init`` on an example batch -> boxed params (every vision and text parameter)."""
+  return model.init(rng, *_model_args(batch), segment_ids=batch["segment_ids"])["params"]
+
+
+def batch_axes(config) -> dict[str, Any]:
+  """Logical axes of the packed schema: rows split over the data-parallel axes."""
+  from vlm.models.qwen_vit import Qwen2_5_VLVisionConfig
+  cfg = model_config(config)
+  if isinstance(cfg.vision, Qwen2_5_VLVisionConfig):
+    vision = {"segment_ids": (P.BATCH, None), "rope_positions": (P.BATCH, None, None),
+              "window_index": (P.BATCH, None), "window_inverse": (P.BATCH, None),
+              "window_segment_ids": (P.BATCH, None)}
+  else:
+    vision = {"segment_ids": (P.BATCH, None), "rope_positions": (P.BATCH, None, None),
+              "pos_embed_index": (P.BATCH, None, None), "pos_embed_weight": (P.BATCH, None, None)}
+  row = (P.BATCH, None)
+  return {"input_ids": row, "segment_ids": row, "position_ids": (None, P.BATCH, None),
+          "labels": row, "loss_mask": row, "pixel_values": (P.BATCH, None, None),
+          "vision": vision, "visual_token_index": row}
+
+
+def count_units(batch) -> int:
+  """Real (non-padding) tokens of a host batch."""
+  return int((np.asarray(batch["segment_ids"]) > 0).sum())
+
+
+def train_data(config, *, seed: int, process_index: int, process_count: int):
+  """The packed Qwen stream of this process and its bad-sample statistics."""
+  from vlm.data import qwen_batch
+  loader = qwen_batch.build_qwen_train_loader(
+      config.data, model_config(config), global_batch_size=config.global_batch_size, seed=seed,
+      process_index=process_index, process_count=process_count)
+  stats = dict(loader.loader_stats)
+  log.info("training data: %d samples kept", len(loader.samples))
+  return iter(loader), stats
+
+
+def validate(config) -> None:
+  """Checks before compiling: the held-out photos and captions of the evaluation exist and
+  decode (a bad one fails now, not after training)."""
+  if not config.eval.at_end or not config.eval.get("caption_split", ""):
+    return
+  from vlm.data import pipeline as data_pipeline
+  summary = data_pipeline.validate_retrieval_split(config.eval.data, config.eval.caption_split)
+  log.info("evaluation split %s: %s", config.eval.caption_split, summary)
+
+
+# ------------------------------------------------------------------------------------------------
+# Loss.
+
+
+def loss_fn(model, params, batch, rng, *, chunk_size: int = 512, z_loss: float = 0.0,
+            router_aux_loss: bool = True, router_aux_loss_coef: float | None = None):
+  """Mean next-token loss over the batch's loss tokens (+ MoE load balancing) and metrics.
+
+  Args:
+    model: ``Qwen3VL``; params: its ``"params"``; batch: the packed schema (global batch or a
+      microbatch); rng: unused (no dropout in the released configs' training).
+    chunk_size: tokens per logits chunk (memory ``B x chunk_size x V`` float32).
+    z_loss: PaLM z-loss coefficient (0 = off).
+    router_aux_loss: add the MoE load-balancing loss (MoE models only).
+    router_aux_loss_coef: its weight; None = the model config's ``router_aux_loss_coef``
+      (HF's default 0.001).
+  Returns:
+    ``(loss, metrics)``: ``loss`` = ``nll_sum / tokens + coef * aux``; metrics ``loss``, ``nll``,
+    ``aux_loss``, ``z_loss``, ``accuracy`` (greedy next-token), ``loss_weight`` (loss tokens).
+  """
+  del rng
+  from vlm.models import qwen3
+  from vlm.objectives import lm, moe
+  text = model.config.text
+  is_moe = bool(getattr(text, "num_experts", 0))
+  mutable = ["intermediates"] if is_moe and router_aux_loss else False
+  out = model.apply({"params": params}, *_model_args(batch), segment_ids=batch["segment_ids"],
+                    return_hidden=True, mutable=mutable)
+  (hidden, _), state = out if mutable else (out, {})
+  head = qwen3.lm_head_kernel(params, text.tie_word_embeddings)
+  loss_sum, count, m = lm.chunked_next_token_loss(hidden, head, batch["labels"], batch["loss_mask"],
+                                                  chunk_size=chunk_size, z_loss=z_loss)
+  denom = jnp.maximum(count, 1.0)
+  loss = loss_sum / denom
+  aux = jnp.zeros((), jnp.float32)
+  if mutable:
+    logits = qwen3.router_logits(state["intermediates"])
+    if logits:
+      aux = moe.load_balancing_loss(logits, text.num_experts, text.num_experts_per_tok,
+                                    attention_mask=batch["segment_ids"] != 0)
+      coef = text.router_aux_loss_coef if router_aux_loss_coef is None else router_aux_loss_coef
+      loss = loss + jnp.float32(coef) * aux
+  metrics = {"loss": loss, "nll": m["nll_sum"] / denom, "aux_loss": aux,
+             "z_loss": m["z_loss_sum"] / denom, "accuracy": m["correct_sum"] / denom,
+             "loss_weight": count}
+  return loss, metrics
+
+
+# ------------------------------------------------------------------------------------------------
+# Initial weights.
+
+
+def init_params(config, model, params, shardings):
+  """``config.init.hf_checkpoint``: an HF Qwen3-VL / Qwen3-VL-MoE / Qwen2.5-VL directory whose
+  weights replace every parameter (read on the host, placed leaf by leaf into ``shardings``).
+
+  Raises:
+    ValueError: a checkpoint that does not match the model (listed by the converter) or the
+      run's layer layout.
+  """
+  hf_dir = config.init.get("hf_checkpoint", "")
+  if not hf_dir:
+    return params
+  from vlm.convert.hf_qwen3_vl import load_hf_qwen3_vl
+  from vlm.tasks import place_like
+  _, loaded = load_hf_qwen3_vl(hf_dir, np.float32, scan_layers=model.scan_layers)
+  flat = flax.traverse_util.flatten_dict(params)
+  flat_sh = flax.traverse_util.flatten_dict(shardings)
+  host = flax.traverse_util.flatten_dict(loaded)
+  missing = sorted("/".join(k) for k in flat if k not in host)
+  extra = sorted("/".join(k) for k in host if k not in flat)
+  bad = sorted(f"{'/'.join(k)} {tuple(np.shape(host[k]))} vs {tuple(v.shape)}"
+               for k, v in flat.items() if k in host and tuple(np.shape(host[k])) != tuple(v.shape))
+  if missing or extra or bad:
+    raise ValueError(f"{hf_dir} does not fit the model: missing {missing[:10]}, unexpected "
+                     f"{extra[:10]}, shapes {bad[:10]}")
+  out = {k: place_like(np.asarray(host[k]), flat_sh[k], dtype=v.dtype) for k, v in flat.items()}
+  log.info("initialised every parameter from HF checkpoint %s", hf_dir)
+  return flax.traverse_util.unflatten_dict(out)
+
+
+# ------------------------------------------------------------------------------------------------
+# Evaluation.
+
+
+def _heldout_loss(config, model, params, *, num_batches: int) -> dict[str, float]:
+  """Mean next-token loss over ``num_batches`` packed batches of ``config.eval.loss_sources``."""
+  from vlm.data import qwen_batch
+  data_cfg = ml_collections.ConfigDict(config.data.to_dict())
+  data_cfg.sources = list(config.eval.loss_sources)
+  loader = qwen_batch.build_qwen_train_loader(
+      data_cfg, model.config, global_batch_size=config.eval.batch_size, seed=0)
+  step = jax.jit(lambda p, b: loss_fn(model, p, b, None, **dict(config.loss))[1])
+  total = count = correct = 0.0
+  it = iter(loader)
+  for _ in range(num_batches):
+    m = jax.device_get(step(params, next(it)))
+    w = float(m["loss_weight"])
+    total += float(m["nll"]) * w
+    correct += float(m["accuracy"]) * w
+    count += w
+  return {"loss": total / max(count, 1.0), "accuracy": correct / max(count, 1.0),
+          "tokens": int(count), "samples": len(loader.samples)}
+
+
+def _caption_eval(config, model, params) -> dict[str, Any]:
+  """Greedy captions of the held-out COCO photos scored against their human captions."""
+  from vlm.data import qwen_batch
+  from vlm.data import qwen_processor as qp
+  from vlm.data.conversations import DEFAULT_CAPTION_PROMPT
+  from vlm.data.sources import load_coco_retrieval
+  from vlm.data import pipeline as data_pipeline
+  from vlm.inference import captioning
+  from vlm.inference import generate as G
+
+  ecfg = config.eval
+  ann, image_dir = data_pipeline.split_paths(ecfg.data, ecfg.caption_split)
+  split = load_coco_retrieval(ann, image_dir)
+  images = list(split["image_paths"])[: int(ecfg.get("max_images", 0)) or None]
+  refs = {i: [split["texts"][t] for t in split["img2txt"][i]] for i in range(len(images))}
+  train_ann, train_dir = data_pipeline.split_paths(ecfg.data, "train")
+  train = load_coco_retrieval(train_ann, train_dir)
+  baseline_caption, baseline = captioning.score_baseline(
+      train["texts"], refs, tokenizer=ecfg.caption_tokenizer)
+  proc_cfg = qwen_batch.processor_config_for(model.config,
+                                            dict(config.data.get("processor", {}) or {}))
+  tok = qp.Qwen3Tokenizer(config.data.get("tokenizer_file", qp.DEFAULT_TOKENIZER_FILE))
+  processor = qp.Qwen3VLProcessor(proc_cfg, tok, padding_side="left")
+  if type(model).__name__ == "Qwen2_5_VL":
+    processor = qp.Qwen2_5_VLProcessor(proc_cfg, tok, padding_side="left")
+  prompt = processor.apply_chat_template(
+      [{"role": "user", "content": [{"type": "image"},
+                                    {"type": "text", "text": ecfg.get("caption_prompt",
+                                                                      DEFAULT_CAPTION_PROMPT)}]}])
+  eos = [tok.token_to_id(qp.IM_END), tok.token_to_id(qp.ENDOFTEXT)]
+  predictions = {}
+  t0 = time.perf_counter()
+  bs = int(ecfg.batch_size)
+  for start in range(0, len(images), bs):
+    chunk = images[start:start + bs]
+    batch = processor(text=[prompt] * len(chunk), images=[[p] for p in chunk])
+    out = G.generate(model, params, batch, max_new_tokens=int(ecfg.max_new_tokens),
+                     eos_token_ids=eos, pad_token_id=tok.pad_token_id)
+    for j, row in enumerate(np.asarray(out)):
+      ids = [int(t) for t in row if int(t) not in eos and int(t) != tok.pad_token_id]
+      predictions[start + j] = tok.decode(ids, skip_special_tokens=True).strip()
+  scores = captioning.score_captions(predictions, refs, tokenizer=ecfg.caption_tokenizer)
+  print(f"captions of {len(images)} held-out photos ({ecfg.caption_split}, "
+        f"{time.perf_counter() - t0:.0f}s):")
+  print(captioning.format_caption_scores(scores, baseline, baseline_caption))
+  examples = [{"image": os.path.basename(images[i]), "prediction": predictions[i],
+               "reference": refs[i][0]} for i in range(min(3, len(images)))]
+  for e in examples:
+    print(f"  {e['image']}: {e['prediction']!r} (human: {e['reference']!r})")
+  return {"scores": scores, "baseline": baseline, "baseline_caption": baseline_caption,
+          "num_images": len(images), "tokenizer": ecfg.caption_tokenizer, "examples": examples}
+
+
+def evaluators(config) -> dict[str, Any]:
+  """``heldout_loss`` (when ``config.eval.loss_sources``) and ``captions`` (when
+  ``config.eval.caption_split``)."""
+  out = {}
+  if config.eval.get("loss_sources"):
+    def heldout(model, params, step, *, writer=None):
+      r = _heldout_loss(config, model, params, num_batches=int(config.eval.loss_batches))
+      print(f"held-out loss {r['loss']:.4f}, next-token accuracy {r['accuracy']:.3f} "
+            f"({r['tokens']} tokens)")
+      if writer is not None:
+        writer.write(step, {"eval/heldout_loss": r["loss"], "eval/heldout_accuracy": r["accuracy"]})
+      return r
+    out["heldout_loss"] = heldout
+  if config.eval.get("caption_split"):
+    def captions(model, params, step, *, writer=None):
+      r = _caption_eval(config, model, params)
+      if writer is not None:
+        writer.write(step, {"eval/CIDEr": r["scores"]["CIDEr"], "eval/BLEU-4": r["scores"]["BLEU-4"]})
+      return r
+    out["captions"] = captions
+  return out
+
+
+# ------------------------------------------------------------------------------------------------
+# Configs (the files in configs/qwen3_vl/ call this).
+
+VARIANTS = ("tiny", "2b", "8b", "30b_a3b", "235b_a22b")
+_PRESETS = {"tiny": "qwen3_vl_tiny", "2b": "qwen3_vl_2b", "8b": "qwen3_vl_8b",
+            "30b_a3b": "qwen3_vl_30b_a3b", "235b_a22b": "qwen3_vl_235b_a22b"}
+
+
+def qwen_vl_config(stage: str, variant: str | None = None) -> ml_collections.ConfigDict:
+  """The config of one Qwen-VL stage (``a``, ``a_merger_only``, ``b``, ``c``, ``sft``) and size.
+
+  ``tiny`` runs on a CPU with the embedded data (random-weight Qwen3-VL at test size, real
+  tokenizer and vocabulary). The released sizes take the Qwen3-VL report's settings where it
+  gives them (row lengths 8,192 for A/B and 32,768 for C; which parameters train per stage) and
+  common choices where it does not (AdamW b2 0.95, weight decay 0.1, cosine decay, peak LRs
+  below; stated here, not claimed as the report's).
+
+  Raises:
+    ValueError: unknown stage or variant (the valid ones are listed).
+  """
+  from vlm.data.config import default_qwen_data_config
+  variant = variant or "tiny"
+  if stage not in FROZEN:
+    raise ValueError(f"unknown stage {stage!r}; use one of {sorted(FROZEN)}")
+  if variant not in VARIANTS:
+    raise ValueError(f"unknown variant {variant!r}; use one of {', '.join(VARIANTS)}")
+  tiny = variant == "tiny"
+  c = ml_collections.ConfigDict()
+  c.variant = variant
+  c.stage = stage
+  c.task = "qwen_vl"
+  c.seed = 0
+  c.prng_impl = "threefry2x32"
+  c.model = ml_collections.ConfigDict(dict(
+      preset=_PRESETS[variant], dtype="float32" if tiny else "bfloat16", param_dtype="float32",
+      scan_layers=not tiny, remat=not tiny, text_overrides={}))
+  # hf_checkpoint: an HF Qwen3-VL / Qwen3-VL-MoE / Qwen2.5-VL directory (its config.json
+  # replaces the preset); workdir: an earlier stage's workdir (matching parameters are taken).
+  c.init = ml_collections.ConfigDict(dict(hf_checkpoint="", workdir=""))
+
+  c.data = default_qwen_data_config()
+  caption_rows = [{"type": "coco_captions", "annotations": "data/coco/captions_train2017.json",
+                   "image_dir": "data/coco/images", "mode": "caption"}]
+  if stage in ("a", "a_merger_only", "b", "c"):
+    c.data.sources = caption_rows if stage.startswith("a") else (caption_rows
+                                                                 + list(c.data.sources))
+  length = {"a": 8192, "a_merger_only": 8192, "b": 8192, "c": 32768, "sft": 8192}[stage]
+  c.data.max_length = 512 if tiny else length
+  c.data.max_patches = 512 if tiny else length * 2
+  if tiny and stage == "c":
+    c.data.max_length = 2048
+  c.loss = ml_collections.ConfigDict(dict(chunk_size=256 if tiny else 1024, z_loss=0.0,
+                                          router_aux_loss=True, router_aux_loss_coef=None))
+
+  c.total_steps = 60 if tiny else {"a": 10_000, "a_merger_only": 5_000, "b": 100_000,
+                                   "c": 20_000, "sft": 10_000}[stage]
+  c.global_batch_size = 4 if tiny else {"c": 256}.get(stage, 1024)
+  c.microbatches = 1
+  peak = {"a": 1e-4, "a_merger_only": 1e-3, "b": 5e-5, "c": 2e-5, "sft": 1e-5}[stage]
+  c.optim = ml_collections.ConfigDict(dict(
+      lr=3e-3 if tiny else peak, min_lr=(3e-4 if tiny else peak / 10), warmup_lr=0.0,
+      warmup_steps=6 if tiny else max(100, c.total_steps // 50),
+      total_steps=c.get_ref("total_steps"),
+      b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1, grad_clip_norm=1.0,
+      frozen=list(FROZEN[stage]), lr_multipliers=[]))
+  c.mesh = ml_collections.ConfigDict(dict(
+      shape={"data": 1, "fsdp": -1, "tensor": 1, "expert": 1}, rules=None))
+  c.checkpoint = ml_collections.ConfigDict(dict(every_steps=20 if tiny else 1000,
+                                                max_to_keep=3, async_save=True))
+  c.log_every_steps = 5 if tiny else 50
+  c.eval = ml_collections.ConfigDict(dict(
+      at_end=True,
+      loss_sources=[{"type": "coco_captions", "annotations": "data/coco/captions_val2017.json",
+                     "image_dir": "data/coco/images",
+                     "mode": "caption" if stage != "sft" else "chat"}],
+      loss_batches=4, batch_size=8 if tiny else 64,
+      caption_split="val" if stage == "sft" else "", max_images=0, max_new_tokens=20,
+      caption_tokenizer="ptb",
+      data=ml_collections.ConfigDict(dict(root="data/coco", image_dir="images",
+                                          train_annotations="captions_train2017.json",
+                                          val_annotations="captions_val2017.json",
+                                          image_size=224, max_words=50,
+                                          validate_images="decode", num_threads=4))))
+  return c
