@@ -185,6 +185,13 @@ class ImplementationChoiceTest(parameterized.TestCase):
         A.resolve_implementation("cudnn", key_length=8, head_dim=8, dtype=jnp.float32,
                                  has_segments=False)
 
+  def test_splash_on_gpu_needs_interpret(self):
+    q, k, v, _ = _inputs(1, 8, 8, 1, 1, 8)
+    with pytest.MonkeyPatch.context() as mp:
+      mp.setattr(A, "_backend", lambda: "gpu")
+      with self.assertRaisesRegex(ValueError, "'splash' is a TPU kernel.*'gpu'"):
+        A.attention(q, k, v, implementation="splash")
+
   @parameterized.parameters(
       ("cpu", jnp.float32, 1024, False, "xla"),
       ("cpu", jnp.float32, 4096, True, "chunked"),

@@ -12,6 +12,12 @@ one cast to the result dtype. So in float16 a score above 65,504 stays finite (b
 einsum returned inf for it and the row became NaN), and the output, a convex combination of the
 values, cannot overflow. float32 is unchanged; bfloat16 only loses the extra rounding of the
 scores to bfloat16.
+
+:func:`attention` is the segment-aware entry point for training: grouped-query heads, packed rows
+(``segment_ids``), the causal mask, and a choice of implementation (``xla`` dense, ``chunked``
+blockwise online softmax with O(L x block) memory forward and backward, the TPU ``splash`` Pallas
+kernel, ``cudnn`` via ``jax.nn.dot_product_attention``, ``auto``). ``scripts/
+benchmark_attention_memory.py`` measures the compiled memory of xla vs chunked at 4k-32k tokens.
 """
 from __future__ import annotations
 
@@ -80,9 +86,9 @@ def causal_mask(length: int):
   return jnp.tril(jnp.ones((length, length), bool))[None, None]
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Segment-aware attention with selectable implementations.
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 IMPLEMENTATIONS = ("xla", "chunked", "splash", "cudnn", "auto")
 
@@ -136,7 +142,9 @@ def attention(query, key, value, *, segment_ids=None, kv_segment_ids=None, causa
     * ``"splash"``: the TPU Pallas splash-attention kernel
       (``jax.experimental.pallas.ops.tpu.splash_attention``, ``make_splash_mha``) with
       ``SegmentIds`` and a ``CausalMask(offset=Lk - Lq)``; lengths padded to the kernel block (a
-      multiple of 128). Off TPU it runs in Pallas interpret mode (slow; for tests).
+      multiple of 128). On CPU it runs in Pallas interpret mode (slow; for tests). Under a sharded
+      ``jit`` the Pallas call is not partitioned by GSPMD: wrap the call in ``shard_map`` over the
+      batch / head axes (attention is independent per row and head).
     * ``"cudnn"``: ``jax.nn.dot_product_attention(implementation="cudnn")`` (cuDNN flash attention;
       float16/bfloat16 only). Without segment ids it uses cuDNN's causal mask (O(L) memory); with
       segment ids their equality mask is passed as ``mask`` (cuDNN receives it as a dense
@@ -162,7 +170,9 @@ def attention(query, key, value, *, segment_ids=None, kv_segment_ids=None, causa
       in the ``probs @ v`` product; scores, softmax and accumulations are float32.
     precision: ``lax.Precision`` of the einsums (``xla`` and ``chunked``).
     dropout_rate, dropout_rng, deterministic: attention-probability dropout, ``xla`` only.
-    interpret: ``splash`` only: run the Pallas kernel in interpret mode; default True off TPU.
+    interpret: ``splash`` only: run the Pallas kernel in interpret mode (``pallas_call(...,
+      interpret=True)`` via ``make_splash_mha(interpret=...)``); default: False on TPU, True on
+      CPU (tests), and an error on other backends.
   Returns:
     [B, Lq, Hq, D] in ``dtype``.
   Raises:
@@ -275,7 +285,7 @@ def _xla_attention(query, key, value, segment_ids, kv_segment_ids, causal, scale
   return out
 
 
-# ----------------------------------------- chunked -------------------------------------------------
+# ----------------------------------------- chunked ------------------------------------------------
 
 
 def _round_up(x: int, m: int) -> int:
@@ -348,7 +358,7 @@ def _block_mask(cfg: _ChunkConfig, i, j, qs_i, ks_j):
 
 
 def _segments_overlap(q_lo, q_hi, k_lo, k_hi):
-  """Whether some batch row's query and key blocks share a segment id range (else skip the block)."""
+  """Whether some batch row's query and key block id ranges overlap (else the block is skipped)."""
   return jnp.any((q_hi >= k_lo) & (k_hi >= q_lo))
 
 
@@ -478,7 +488,7 @@ def _flash_bwd(cfg, residuals, d_out):
 _flash.defvjp(_flash_fwd, _flash_bwd)
 
 
-# ----------------------------------------- splash --------------------------------------------------
+# ----------------------------------------- splash -------------------------------------------------
 
 
 def _splash_attention(query, key, value, segment_ids, kv_segment_ids, causal, scale, block_size,
@@ -489,8 +499,13 @@ def _splash_attention(query, key, value, segment_ids, kv_segment_ids, causal, sc
     raise ValueError(f"attention implementation 'splash' needs jax.experimental.pallas.ops.tpu."
                      f"splash_attention, which this jax {jax.__version__} lacks ({e}); use "
                      "'chunked'") from e
+  backend = _backend()
   if interpret is None:
-    interpret = _backend() != "tpu"
+    if backend not in ("tpu", "cpu"):
+      raise ValueError(f"attention implementation 'splash' is a TPU kernel and the JAX backend is "
+                       f"{backend!r}; use 'cudnn' or 'chunked' there (or interpret=True to "
+                       "emulate it, slowly)")
+    interpret = backend == "cpu"  # Pallas interpret mode: emulation for tests on CPU
   b, lq, hq, d = query.shape
   lk, hkv = key.shape[1], key.shape[2]
   lanes = 128  # the kernel's block sizes must be multiples of the TPU lane width
@@ -524,7 +539,7 @@ def _splash_attention(query, key, value, segment_ids, kv_segment_ids, causal, sc
   return out.transpose(0, 2, 1, 3)[:, :lq].astype(dtype)
 
 
-# ----------------------------------------- cudnn ---------------------------------------------------
+# ----------------------------------------- cudnn --------------------------------------------------
 
 
 def _cudnn_arguments(query, key, value, segment_ids, kv_segment_ids, causal, scale):
