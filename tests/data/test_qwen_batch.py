@@ -60,7 +60,8 @@ def test_matches_the_vlm_processor_and_masks_assistant_tokens(encoder, tmp_path)
   # same ids as the processor's chat template + placeholder expansion on the same conversation
   proc = qp.Qwen3VLProcessor(encoder.config, encoder.tokenizer)
   msgs = [{"role": "system", "content": "You are terse."},
-          {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "\nWhat colour?"}]},
+          {"role": "user",
+           "content": [{"type": "image"}, {"type": "text", "text": "\nWhat colour?"}]},
           {"role": "assistant", "content": "Mostly grey."},
           {"role": "user", "content": "Sure?"},
           {"role": "assistant", "content": "Yes, sure."}]

@@ -70,7 +70,9 @@ def default_qwen_data_config() -> ml_collections.ConfigDict:
     validate_images: ``"decode"`` (full decode at build time) or ``"header"``.
     prescan: encode every sample once at build time (exact too-long counts and lengths, and
       "nothing usable" fails before compiling); False defers those checks to the stream.
-    num_threads: threads for build-time checks.
+    num_threads: threads for build-time checks and for encoding samples ahead of the packer
+      (1: encode in the calling thread). Results do not depend on it.
+    prefetch: stream positions encoded ahead (0: 4 * num_threads).
   """
   cfg = ml_collections.ConfigDict()
   cfg.sources = [
@@ -82,7 +84,7 @@ def default_qwen_data_config() -> ml_collections.ConfigDict:
       {"type": "conversations", "path": "data/qwen_sft/activitynet_qa/video.json"},
   ]
   cfg.max_length = 1024
-  cfg.max_patches = 1024
+  cfg.max_patches = 1536
   cfg.pack_window = 0
   cfg.processor = ml_collections.ConfigDict({
       "min_pixels": 64 * 64, "max_pixels": 128 * 128,
@@ -94,4 +96,5 @@ def default_qwen_data_config() -> ml_collections.ConfigDict:
   cfg.validate_images = "decode"
   cfg.prescan = True
   cfg.num_threads = 4
+  cfg.prefetch = 0
   return cfg

@@ -12,7 +12,8 @@ Formats read here (host only, plain Python + Pillow/PyAV for file checks):
   accepted too (roles ``human``/``gpt`` map to ``user``/``assistant``). ``<image>`` / ``<video>``
   tags mark where each image / video goes, in order; the tag count must equal the number of
   images / videos (else ``placeholder_mismatch``: the LLaVA convention makes the tags explicit,
-  and guessing where a missing one goes would change the sample). Records without ``image``/``video`` are text-only conversations. Relative
+  and guessing where a missing one goes would change the sample). Records without
+  ``image``/``video`` are text-only conversations. Relative
   media paths resolve against ``image_root`` / ``video_root`` (default: the file's directory).
 * COCO captions (``captions_*.json``) as pre-training caption rows (``kind="caption"``: the image
   followed by its caption, the loss on the caption) or as chat turns (user ``"<image>\\n"`` +

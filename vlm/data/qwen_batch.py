@@ -87,6 +87,12 @@ class TokenizedSample:
     return int(self.pixel_values.shape[0])
 
 
+def _encode_with_offsets(tokenizer: qp.Qwen3Tokenizer, text: str):
+  """The Rust ``tokenizers.Encoding`` of ``text`` (ids and character offsets, no special tokens
+  added): the same ids as :meth:`Qwen3Tokenizer.encode`, plus the offsets the loss mask needs."""
+  return tokenizer._tok.encode(text, add_special_tokens=False)  # pylint: disable=protected-access
+
+
 def _split_tags(text: str) -> list[dict[str, Any]]:
   """``"a<image>b"`` -> content items for :func:`qp.apply_chat_template`."""
   items: list[dict[str, Any]] = []
@@ -283,7 +289,7 @@ class QwenSampleEncoder:
       raise
     except ValueError as e:
       raise image_lib.BadSampleError(f"{sample.where}: {e}", "placeholder_mismatch") from None
-    enc = self.tokenizer._tok.encode(text, add_special_tokens=False)  # pylint: disable=protected-access
+    enc = _encode_with_offsets(self.tokenizer, text)
     ids = np.asarray(enc.ids, np.int64)
     n = len(ids)
     n_patches = int(sum(p.shape[0] for p in patches))
@@ -383,10 +389,11 @@ def validate_samples(samples: Sequence[conv.Sample], problems: Sequence[conv.Pro
                      ) -> tuple[list[conv.Sample], QwenDataStats, np.ndarray]:
   """Drops every unusable sample at build time (deterministic), so the stream never fails.
 
-  Each distinct image/video file is checked once (:func:`vlm.data.conversations.
-  check_sample_files`); with ``encoder`` every remaining sample is also fully encoded once
-  (exact ``too_long`` / ``too_many_patches`` / placeholder-run counts and token lengths; pixel
-  data is not kept).
+  With ``encoder`` every sample is fully encoded once (that opens every image and video, with
+  the same reasons, and gives exact ``too_long`` / ``too_many_patches`` / placeholder-run counts
+  and token lengths; pixel data is not kept). Without it, each distinct image/video file is
+  checked once (:func:`vlm.data.conversations.check_sample_files`) and the length checks happen
+  in the stream (counted skips).
 
   Args:
     samples, problems: from :func:`vlm.data.conversations.load_sources`.
@@ -411,8 +418,11 @@ def validate_samples(samples: Sequence[conv.Sample], problems: Sequence[conv.Pro
   if problems and on_bad_sample == "raise":
     p = problems[0]
     raise image_lib.BadSampleError(f"bad sample {p.where}: {p.detail}", p.reason)
-  files = sorted({(p, "image") for s in samples for p in s.images}
-                 | {(p, "video") for s in samples for p in s.videos})
+  # With an encoder every file is opened by encode() anyway (same reasons), so only the
+  # files-only mode probes them separately.
+  files = [] if encoder is not None else sorted(
+      {(p, "image") for s in samples for p in s.images}
+      | {(p, "video") for s in samples for p in s.videos})
 
   def check(item):
     path, kind = item
@@ -425,7 +435,7 @@ def validate_samples(samples: Sequence[conv.Sample], problems: Sequence[conv.Pro
 
   def status(sample):
     for p in sample.images + sample.videos:
-      if probe[p] is not None:
+      if probe.get(p) is not None:
         reason, msg = probe[p]
         return reason, f"{sample.where}{msg}"
     if encoder is None:
@@ -491,6 +501,25 @@ class QwenPackedIterator(grain.DatasetIterator):
     self._skipped: collections.Counter = collections.Counter()
     self._examples: list[list[str]] = []
     self._batches = 0
+    self._pool = (concurrent.futures.ThreadPoolExecutor(loader.num_threads)
+                  if loader.num_threads > 1 else None)
+    self._ahead: dict[int, concurrent.futures.Future] = {}
+
+  def _encode_at(self, k: int) -> TokenizedSample | image_lib.BadSampleError:
+    try:
+      return self._loader.encoder.encode(self._loader.sample_at(k))
+    except image_lib.BadSampleError as e:
+      return e
+
+  def _encoded(self, k: int) -> TokenizedSample | image_lib.BadSampleError:
+    """Encoding of stream position k; with threads, positions k..k+prefetch are encoded ahead
+    (encoding is a pure function of the position, so this changes no result)."""
+    if self._pool is None:
+      return self._encode_at(k)
+    for j in range(k, k + self._loader.prefetch):
+      if j not in self._ahead:
+        self._ahead[j] = self._pool.submit(self._encode_at, j)
+    return self._ahead.pop(k).result()
 
   def _pull(self) -> tuple[int, TokenizedSample]:
     loader = self._loader
@@ -500,7 +529,10 @@ class QwenPackedIterator(grain.DatasetIterator):
       self._next += 1
       sample = loader.sample_at(k)
       try:
-        return k, loader.encoder.encode(sample)
+        item = self._encoded(k)
+        if isinstance(item, image_lib.BadSampleError):
+          raise item
+        return k, item
       except image_lib.BadSampleError as e:
         if loader.on_bad_sample == "raise":
           raise
@@ -546,6 +578,7 @@ class QwenPackedIterator(grain.DatasetIterator):
                        f"{state.get('fingerprint')!r} != {self._loader.fingerprint!r}): same "
                        "sources, config, seed and process layout are needed to resume")
     self._next = int(state["next"])
+    self._ahead.clear()
     self._pending = [(int(k), self._loader.encoder.encode(self._loader.sample_at(int(k))))
                      for k in state["pending"]]
     self._skipped = collections.Counter({str(k): int(v) for k, v in state["skipped"].items()})
@@ -571,7 +604,7 @@ class QwenTrainLoader:
 
   def __init__(self, *, samples, stats, encoder, model_config, per_process_batch_size,
                max_length, max_patches, pack_window, seed, process_index, process_count,
-               on_bad_sample, num_tokens):
+               on_bad_sample, num_tokens, num_threads=1, prefetch=0):
     self.samples = samples
     self.stats = stats
     self.encoder = encoder
@@ -585,6 +618,8 @@ class QwenTrainLoader:
     self.process_count = process_count
     self.on_bad_sample = on_bad_sample
     self.num_tokens = num_tokens
+    self.num_threads = int(num_threads)
+    self.prefetch = int(prefetch) or 4 * max(1, self.num_threads)
     self.shard_size = len(samples) // process_count
     self.shard = np.arange(process_index, self.shard_size * process_count, process_count)
     self._perm_cache: dict[int, np.ndarray] = {}
@@ -697,4 +732,6 @@ def build_qwen_train_loader(data_cfg: Any, model_config, *, global_batch_size: i
       samples=kept, stats=stats, encoder=encoder, model_config=model_config,
       per_process_batch_size=per_process, max_length=max_length, max_patches=max_patches,
       pack_window=window, seed=int(seed), process_index=process_index,
-      process_count=process_count, on_bad_sample=on_bad_sample, num_tokens=lengths)
+      process_count=process_count, on_bad_sample=on_bad_sample, num_tokens=lengths,
+      num_threads=int(_get(data_cfg, "num_threads", 4)),
+      prefetch=int(_get(data_cfg, "prefetch", 0)))
