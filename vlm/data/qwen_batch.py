@@ -38,7 +38,6 @@ import collections
 import concurrent.futures
 import dataclasses
 import hashlib
-import math
 import os
 from typing import Any, Mapping, Sequence
 
