@@ -102,8 +102,9 @@ class ChunkedMatchesXlaTest(chex.TestCase):
     q, k, v, w = _inputs(1, 64, 64, 2, 2, 16, seed=2)
     seg = _segments([[30, 30]], 64)
     f32 = A.attention(q, k, v, segment_ids=seg, causal=True, implementation="xla")
-    bf = A.attention(q.astype(jnp.bfloat16), k.astype(jnp.bfloat16), v.astype(jnp.bfloat16),
-                     segment_ids=seg, causal=True, implementation="chunked", block_size=16)
+    bf = jax.jit(lambda q, k, v: A.attention(q, k, v, segment_ids=seg, causal=True,
+                                             implementation="chunked", block_size=16))(
+        q.astype(jnp.bfloat16), k.astype(jnp.bfloat16), v.astype(jnp.bfloat16))
     self.assertEqual(bf.dtype, jnp.bfloat16)
     chex.assert_trees_all_close(bf.astype(jnp.float32), f32, atol=5e-2, rtol=0)
 
@@ -216,11 +217,16 @@ class ImplementationChoiceTest(parameterized.TestCase):
       if lq == lk:
         qs = ks
       kw = dict(segment_ids=qs, kv_segment_ids=ks, causal=True)
-      args = A._cudnn_arguments(q, k, v, qs, ks, True, 8 ** -0.5)
-      out = jax.nn.dot_product_attention(**args, implementation="xla")
-      ref = A.attention(q, k, v, implementation="xla", **kw)
-      has_key = jnp.any(A._allowed_mask(qs, ks, True, lq, lk), -1)[:, 0, :, None, None]
-      chex.assert_trees_all_close(jnp.where(has_key, out, 0.0), ref, atol=1e-5, rtol=0)
+
+      @jax.jit
+      def both(q, k, v):
+        args = A._cudnn_arguments(q, k, v, qs, ks, True, 8 ** -0.5)
+        out = jax.nn.dot_product_attention(**args, implementation="xla")
+        has_key = jnp.any(A._allowed_mask(qs, ks, True, lq, lk), -1)[:, 0, :, None, None]
+        return jnp.where(has_key, out, 0.0), A.attention(q, k, v, implementation="xla", **kw)
+
+      out, ref = both(q, k, v)
+      chex.assert_trees_all_close(out, ref, atol=1e-5, rtol=0)
 
   def test_dropout_only_in_xla(self):
     q, k, v, _ = _inputs(1, 8, 8, 1, 1, 8)
