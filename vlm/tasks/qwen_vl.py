@@ -440,3 +440,228 @@ def qwen_vl_config(stage: str, variant: str | None = None) -> ml_collections.Con
                                           image_size=224, max_words=50,
                                           validate_images="decode", num_threads=4))))
   return c
+
+
+# ------------------------------------------------------------------------------------------------
+# Export: a training workdir -> an HF directory (scripts/convert_hf.py --from_workdir).
+
+_SIDE_FILES = ("preprocessor_config.json", "video_preprocessor_config.json", "chat_template.json",
+               "chat_template.jinja")
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
+                    "special_tokens_map.json", "added_tokens.json")
+
+
+def _saved_run_config(directory: str, step: int) -> ml_collections.ConfigDict:
+  """The run config stored in the ``metadata`` item of checkpoint ``step`` (written by
+  :func:`vlm.train.loop.run` as ``config.to_json_best_effort()``).
+
+  Raises:
+    ValueError: metadata that is unreadable or holds no config (a damaged checkpoint).
+  """
+  import orbax.checkpoint as ocp
+  options = ocp.CheckpointManagerOptions(read_only=True, create=False)
+  with ocp.CheckpointManager(directory, options=options,
+                             item_handlers={"metadata": ocp.JsonCheckpointHandler()}) as manager:
+    meta = manager.restore(step, args=ocp.args.Composite(metadata=ocp.args.JsonRestore()))
+  meta = meta["metadata"]
+  saved = meta.get("config") if isinstance(meta, dict) else None
+  if isinstance(saved, str):
+    saved = json.loads(saved)
+  if not isinstance(saved, dict):
+    raise ValueError("its metadata holds no run config")
+  return ml_collections.ConfigDict(saved)
+
+
+def _steps_newest_first(directory: str) -> list[int]:
+  steps = []
+  for name in os.listdir(directory):
+    if name.isdigit() and os.path.isdir(os.path.join(directory, name)):
+      steps.append(int(name))
+  return sorted(steps, reverse=True)
+
+
+def restore_run(workdir: str, step: int | None = None):
+  """The run config and parameters of a training workdir's checkpoint, on any device count.
+
+  Newest first (or exactly ``step``): the checkpoint's metadata gives the run config, then its
+  parameters are read as host numpy arrays with :func:`vlm.train.checkpoint.restore_params`
+  (whatever mesh wrote them). A checkpoint whose metadata or parameters cannot be read is
+  skipped with a warning and the one before it is tried (read-only: nothing is moved).
+
+  Args:
+    workdir: a ``vlm.train.loop.run`` workdir (``<workdir>/checkpoints/<step>``).
+    step: a checkpoint step, or None for the newest intact one.
+  Returns:
+    ``(step, config, params)``: the ``ml_collections.ConfigDict`` of the run and its
+    ``"params"`` nested dict (scanned ``language_model/layers`` when the run scanned them).
+  Raises:
+    FileNotFoundError: no checkpoints in ``workdir``, or none intact (each step's error listed).
+    ValueError: the requested ``step`` is absent or damaged.
+  """
+  from vlm.train import checkpoint as ckpt
+  directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+  if not os.path.isdir(directory):
+    raise FileNotFoundError(f"no checkpoints in {directory}: {workdir} is not a training workdir "
+                            "(train first with scripts/train.py --workdir ...)")
+  steps = _steps_newest_first(directory)
+  if not steps:
+    raise FileNotFoundError(f"no finished checkpoint in {directory}")
+  if step is not None:
+    if step not in steps:
+      raise ValueError(f"no checkpoint of step {step} in {directory}; there are {sorted(steps)}")
+    steps = [step]
+  errors = []
+  for s in steps:
+    try:
+      config = _saved_run_config(directory, s)
+      _, params = ckpt.restore_params(workdir, s)
+    except Exception as e:  # pylint: disable=broad-except  (unreadable: damaged)
+      why = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:240]
+      errors.append(f"step {s}: {why}")
+      if step is not None:
+        raise ValueError(f"checkpoint step {s} in {directory} is damaged ({why})") from e
+      log.warning("checkpoint step %d in %s is damaged (%s); trying the one before", s,
+                  directory, why)
+      continue
+    return s, config, params
+  raise FileNotFoundError(f"no intact checkpoint in {directory}: {'; '.join(errors)}")
+
+
+def _processor_files(model_cfg, proc) -> dict[str, dict]:
+  """HF ``preprocessor_config.json`` / ``video_preprocessor_config.json`` for the processor
+  settings ``proc`` (:class:`vlm.data.qwen_processor.QwenProcessorConfig`)."""
+  from vlm.models.qwen3_vl import Qwen2_5_VLConfig
+  qwen25 = isinstance(model_cfg, Qwen2_5_VLConfig)
+  processor = "Qwen2_5_VLProcessor" if qwen25 else "Qwen3VLProcessor"
+  common = dict(do_convert_rgb=True, do_resize=True, do_rescale=True,
+                rescale_factor=float(proc.rescale_factor), do_normalize=True,
+                image_mean=list(proc.image_mean), image_std=list(proc.image_std),
+                patch_size=int(proc.patch_size), temporal_patch_size=int(proc.temporal_patch_size),
+                merge_size=int(proc.merge_size), processor_class=processor)
+  image = dict(common, image_processor_type="Qwen2VLImageProcessorFast",
+               min_pixels=int(proc.min_pixels), max_pixels=int(proc.max_pixels),
+               size={"shortest_edge": int(proc.min_pixels), "longest_edge": int(proc.max_pixels)})
+  video = dict(common, video_processor_type=("Qwen2VLVideoProcessor" if qwen25
+                                             else "Qwen3VLVideoProcessor"),
+               size={"shortest_edge": int(proc.video_min_pixels),
+                     "longest_edge": int(proc.video_max_pixels)},
+               do_sample_frames=True, min_frames=int(proc.min_frames),
+               max_frames=int(proc.max_frames))
+  if proc.fps is not None:
+    video["fps"] = float(proc.fps)
+  return {"preprocessor_config.json": image, "video_preprocessor_config.json": video}
+
+
+def export_hf(workdir: str, output: str, step: int | None = None, *,
+              model_config_path: str | None = None, max_shard_size: int | str | None = None,
+              overwrite: bool = False) -> dict[str, Any]:
+  """Writes a Qwen-VL training workdir's parameters as an HF ``save_pretrained`` directory.
+
+  ``output`` gets ``config.json`` + ``model.safetensors`` (or shards + index) that transformers'
+  ``Qwen3VLForConditionalGeneration`` / ``Qwen3VLMoeForConditionalGeneration`` /
+  ``Qwen2_5_VLForConditionalGeneration.from_pretrained`` and :func:`vlm.load_pretrained` load
+  (weights via :func:`vlm.convert.hf_qwen3_vl.save_hf_qwen3_vl`; scanned decoder layers are
+  unstacked), the tokenizer the run trained with (the files next to
+  ``config.data.tokenizer_file``), and ``preprocessor_config.json`` /
+  ``video_preprocessor_config.json`` / ``generation_config.json`` / chat templates: copied from
+  the run's ``config.init.hf_checkpoint`` directory when it has them, else written from the
+  run's processor settings (``config.data.processor``) and the tokenizer's ``<|im_end|>`` /
+  ``<|endoftext|>`` ids (greedy decoding).
+
+  The model config is the run's (:func:`model_config` of the config saved in the checkpoint:
+  the HF ``config.json`` the run was initialised from, else its preset), or
+  ``model_config_path`` (an HF directory or ``config.json``) when given.
+
+  Args:
+    workdir: the training workdir; ``step``: its checkpoint (None: the newest intact one,
+      damaged newer ones are skipped with a warning, see :func:`restore_run`).
+    output: the directory to write (created).
+    max_shard_size: e.g. ``"2GB"`` to shard the safetensors (None: one file).
+    overwrite: allow a non-empty ``output`` (its old weight files are removed first).
+  Returns:
+    ``{"step", "output", "model_type", "num_params", "files"}``.
+  Raises:
+    FileNotFoundError: no (intact) checkpoint in ``workdir``; the run's
+      ``init.hf_checkpoint`` directory is gone and no ``model_config_path`` was given.
+    ValueError: ``workdir`` is not a Qwen-VL run (another ``config.task``); a ``step`` that is
+      absent or damaged; parameters that do not fit the model config (listed).
+    FileExistsError: ``output`` is not empty and ``overwrite`` is False.
+  """
+  import shutil
+  from vlm.convert.hf_qwen3_vl import config_from_hf, config_to_hf, save_hf_qwen3_vl
+  from vlm.data import qwen_batch
+  from vlm.data import qwen_processor as qp
+  from vlm.data.paths import resolve_path
+
+  output = os.path.abspath(output)
+  if os.path.isdir(output) and os.listdir(output) and not overwrite:
+    raise FileExistsError(f"{output} is not empty; pick a new directory or pass overwrite=True "
+                          "(--overwrite)")
+  step, config, params = restore_run(workdir, step)
+  task = config.get("task", None)
+  if task != "qwen_vl":
+    raise ValueError(f"{workdir} was trained with task {task!r}, not 'qwen_vl': the HF export "
+                     "of a workdir supports Qwen3-VL / Qwen3-VL-MoE / Qwen2.5-VL runs only (for "
+                     "BLIP-2 checkpoints use vlm.convert.hf_blip2.save_hf_blip2)")
+  init_dir = config.init.get("hf_checkpoint", "") if "init" in config else ""
+  init_dir = resolve_path(init_dir) if init_dir else ""
+  if model_config_path:
+    path = model_config_path
+    if os.path.isdir(path):
+      path = os.path.join(path, "config.json")
+    if not os.path.isfile(path):
+      raise FileNotFoundError(f"model config {model_config_path!r}: no such config.json")
+    with open(path) as fh:
+      model_cfg = config_from_hf(json.load(fh))
+  else:
+    if init_dir and not os.path.isfile(os.path.join(init_dir, "config.json")):
+      raise FileNotFoundError(
+          f"{workdir} was initialised from {init_dir}, which has no config.json any more: pass "
+          "that model's config.json with --model_config (model_config_path=...)")
+    with config.unlocked():
+      if init_dir:
+        config.init.hf_checkpoint = init_dir
+      model_cfg = model_config(config)
+
+  if os.path.isdir(output):
+    for name in os.listdir(output):
+      if name.endswith(".safetensors") or name == "model.safetensors.index.json":
+        os.remove(os.path.join(output, name))
+  save_hf_qwen3_vl(model_cfg, params, output, max_shard_size)
+
+  # Tokenizer: the files next to the tokenizer.json the run trained with.
+  tok_file = resolve_path(config.data.get("tokenizer_file", qp.DEFAULT_TOKENIZER_FILE))
+  tok = qp.Qwen3Tokenizer(tok_file)
+  tok_dir = os.path.dirname(tok_file)
+  shutil.copyfile(tok_file, os.path.join(output, "tokenizer.json"))
+  for name in _TOKENIZER_FILES[1:]:
+    if os.path.isfile(os.path.join(tok_dir, name)):
+      shutil.copyfile(os.path.join(tok_dir, name), os.path.join(output, name))
+  # Processor, chat template, generation defaults: the initial checkpoint's, else the run's.
+  for name in _SIDE_FILES:
+    if init_dir and os.path.isfile(os.path.join(init_dir, name)):
+      shutil.copyfile(os.path.join(init_dir, name), os.path.join(output, name))
+  proc = qwen_batch.processor_config_for(model_cfg, dict(config.data.get("processor", {}) or {}))
+  for name, content in _processor_files(model_cfg, proc).items():
+    if not os.path.isfile(os.path.join(output, name)):
+      with open(os.path.join(output, name), "w") as fh:
+        json.dump(content, fh, indent=2)
+  gen_src = os.path.join(init_dir, "generation_config.json") if init_dir else ""
+  gen = None
+  if gen_src and os.path.isfile(gen_src):
+    with open(gen_src) as fh:
+      gen = json.load(fh)
+    if not isinstance(gen, dict) or gen.get("eos_token_id") is None:
+      gen = None  # a bare save_pretrained file without stop tokens: write ours
+  if gen is None:
+    gen = {"bos_token_id": tok.pad_token_id, "eos_token_id": [tok.eos_token_id, tok.pad_token_id],
+           "pad_token_id": tok.pad_token_id, "do_sample": False}
+  with open(os.path.join(output, "generation_config.json"), "w") as fh:
+    json.dump(gen, fh, indent=2)
+
+  num = sum(int(np.size(v)) for v in jax.tree.leaves(params))
+  model_type = config_to_hf(model_cfg)["model_type"]
+  log.info("exported %s step %d (%s, %d parameters) to %s", workdir, step, model_type, num,
+           output)
+  return {"step": step, "output": output, "model_type": model_type, "num_params": num,
+          "files": sorted(os.listdir(output))}
