@@ -48,3 +48,47 @@ def timeit_interleaved(fns: dict, iters: int, warmup: int, settle_s: float) -> d
 def timeit(fn, iters: int, warmup: int, settle_s: float, setup=None) -> dict:
   """:func:`timeit_interleaved` for one contender: ``{"median_s", "times_s"}``."""
   return timeit_interleaved({"fn": (fn, setup)}, iters, warmup, settle_s)["fn"]
+
+
+def jax_matmul_peak(n: int = 2048, dtype: str = "float32", iters: int = 3,
+                    settle_s: float = 0.3) -> dict:
+  """The matmul peak of this process's default JAX device: a jitted ``jnp.dot`` of two
+  ``[n, n]`` matrices (``2 n^3`` FLOPs), median of ``iters`` timed calls after one warm-up.
+
+  Returns ``{"flops_per_s": float, "median_s": float, "n": n, "dtype": dtype}``.
+  """
+  import jax
+  import jax.numpy as jnp
+  dt = jnp.dtype(dtype)
+  a = jax.random.normal(jax.random.PRNGKey(1), (n, n), dt)
+  b = jax.random.normal(jax.random.PRNGKey(2), (n, n), dt)
+  mm = jax.jit(jnp.dot).lower(a, b).compile()
+  t = timeit(lambda _: jax.block_until_ready(mm(a, b)), iters, 1, settle_s)
+  return {"flops_per_s": 2 * n ** 3 / t["median_s"], "median_s": t["median_s"], "n": n,
+          "dtype": str(dt)}
+
+
+def torch_matmul_peak(n: int = 2048, iters: int = 3, settle_s: float = 0.3) -> dict:
+  """Like :func:`jax_matmul_peak` for ``torch.mm`` of two float32 ``[n, n]`` CPU matrices with
+  torch's current thread setting. Returns the same keys."""
+  import torch
+  g = torch.Generator().manual_seed(1)
+  a = torch.randn(n, n, generator=g)
+  b = torch.randn(n, n, generator=g)
+  t = timeit(lambda _: torch.mm(a, b), iters, 1, settle_s)
+  return {"flops_per_s": 2 * n ** 3 / t["median_s"], "median_s": t["median_s"], "n": n,
+          "dtype": "float32"}
+
+
+def xla_flops(compiled) -> float | None:
+  """'flops' of ``compiled.cost_analysis()`` (a dict, or a list of dicts in some jax versions);
+  None where the backend does not report it."""
+  try:
+    cost = compiled.cost_analysis()
+  except Exception:  # noqa: BLE001 - some backends do not implement it
+    return None
+  if isinstance(cost, (list, tuple)):
+    cost = cost[0] if cost else None
+  if not cost or "flops" not in cost:
+    return None
+  return float(cost["flops"])
