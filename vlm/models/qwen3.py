@@ -61,7 +61,7 @@ from vlm.nn import layers
 from vlm.nn import moe
 from vlm.nn import partitioning as P
 from vlm.nn import rope
-from vlm.nn.attention import dot_product_attention
+from vlm.nn.attention import IMPLEMENTATIONS, attention, dot_product_attention
 
 Dtype = Any
 
@@ -93,6 +93,10 @@ class Qwen3TextConfig:
   ``(i + 1) % decoder_sparse_step == 0`` (HF ``Qwen3MoeDecoderLayer``); sparse layers use
   ``moe_intermediate_size``, dense layers ``intermediate_size``. ``norm_topk_prob`` renormalises
   the top-k router probabilities (Qwen3-VL-MoE in 4.57.1 always does; set it True there).
+  ``attention_implementation`` (vlm setting, not read from HF configs): ``"xla"`` (dense mask,
+  default), ``"chunked"`` (blockwise online softmax, O(L x block) memory forward and backward),
+  ``"splash"`` (TPU), ``"cudnn"`` (GPU) or ``"auto"`` (:func:`vlm.nn.attention.attention`);
+  ``attention_block_size`` its block. The cached (generation) path always uses the dense form.
   ``router_aux_loss_coef`` weighs the load-balancing loss in training (HF's field, default 0.001;
   used by :func:`vlm.tasks.qwen_vl.loss_fn`, not by the forward pass).
   Raises:
@@ -123,6 +127,8 @@ class Qwen3TextConfig:
   mrope_section: tuple[int, ...] | None = None
   mrope_interleaved: bool = False
   moe_implementation: str = "auto"
+  attention_implementation: str = "xla"
+  attention_block_size: int = 512
 
   def __post_init__(self):
     for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
@@ -156,6 +162,11 @@ class Qwen3TextConfig:
                        f"got {self.num_experts_per_tok}")
     if self.decoder_sparse_step < 1:
       raise ValueError(f"decoder_sparse_step must be >= 1, got {self.decoder_sparse_step}")
+    if self.attention_implementation not in IMPLEMENTATIONS:
+      raise ValueError(f"attention_implementation must be one of {IMPLEMENTATIONS}, got "
+                       f"{self.attention_implementation!r}")
+    if self.attention_block_size < 1:
+      raise ValueError(f"attention_block_size must be >= 1, got {self.attention_block_size}")
     if self.moe_implementation not in ("auto", "dense", "ragged", "gather"):
       raise ValueError(f"moe_implementation must be 'auto', 'dense', 'ragged' or 'gather', got "
                        f"{self.moe_implementation!r}")
@@ -190,7 +201,7 @@ class Qwen3TextConfig:
     """
     d = dict(d)
     kw = {f.name: d[f.name] for f in dataclasses.fields(cls)
-          if f.name in d and f.name != "moe_implementation"}  # vlm-only setting: keep default
+          if f.name in d and f.name not in _VLM_ONLY}  # vlm-only settings: keep defaults
     if d.get("model_type", "") in _QWEN2_MODEL_TYPES:
       kw.update(attention_bias=True, o_proj_bias=False, use_qk_norm=False)
     # transformers 4.x: ``rope_scaling`` + top-level ``rope_theta``; 5.x: ``rope_parameters``
@@ -214,6 +225,19 @@ class Qwen3TextConfig:
 
 # ------------------------------------------------------------------------------------------------
 # Masks (the rotation itself is ``vlm.nn.rope.rotate``).
+
+
+# Fields of Qwen3TextConfig that are vlm settings, not part of an HF config.json.
+_VLM_ONLY = ("moe_implementation", "attention_implementation", "attention_block_size")
+
+
+def _attention_segments(attention_mask, segment_ids):
+  """int32 [B, L] segment ids for :func:`vlm.nn.attention.attention` (the kernels' form of the
+  mask :func:`_build_mask` builds): ``segment_ids`` where ``attention_mask`` is set, else 0;
+  without packing the real tokens form segment 1. Real tokens see exactly the keys of the dense
+  mask; padding sees padding."""
+  seg = jnp.ones_like(attention_mask, jnp.int32) if segment_ids is None else segment_ids
+  return jnp.where(attention_mask, seg, 0).astype(jnp.int32)
 
 
 def _build_mask(attention_mask, batch: int, length: int, segment_ids=None):
@@ -351,6 +375,17 @@ class Qwen3Attention(nn.Module):
       o = o.reshape(batch, length, h * hd)
       out = dense("o_proj", cfg.hidden_size, cfg.use_o_proj_bias, (P.HEADS, P.EMBED), True)(o)
       return out, (k, v)
+    if cfg.attention_implementation != "xla":  # mask = int32 [B, L] segment ids (Qwen3Model)
+      use_dropout = not deterministic and cfg.attention_dropout > 0.0
+      o = attention(q, k, v, segment_ids=mask, causal=True, scale=hd ** -0.5,
+                    implementation=cfg.attention_implementation,
+                    block_size=cfg.attention_block_size, dtype=self.dtype,
+                    dropout_rate=cfg.attention_dropout if use_dropout else 0.0,
+                    dropout_rng=self.make_rng("dropout") if use_dropout else None,
+                    deterministic=not use_dropout)
+      o = o.reshape(batch, length, h * hd)
+      out = dense("o_proj", cfg.hidden_size, cfg.use_o_proj_bias, (P.HEADS, P.EMBED), True)(o)
+      return out, None
     rep = h // kvh
     if rep > 1:  # query head j reads kv head j // rep (HF repeat_kv)
       k = jnp.repeat(k, rep, axis=2)
@@ -677,6 +712,9 @@ class Qwen3Model(nn.Module):
       new_cache_mask = jax.lax.dynamic_update_slice(kv_cache["mask"], attention_mask,
                                                     (0, cache_index))
       ck, cv = kv_cache["k"], kv_cache["v"]
+    elif cfg.attention_implementation != "xla":
+      # blockwise / kernel attention takes the segment ids, never a dense [B, 1, L, L] mask
+      mask = _attention_segments(attention_mask, segment_ids)
     else:
       mask = _build_mask(attention_mask, batch, length, segment_ids)
 

@@ -389,9 +389,13 @@ def qwen_vl_config(stage: str, variant: str | None = None) -> ml_collections.Con
   c.task = "qwen_vl"
   c.seed = 0
   c.prng_impl = "threefry2x32"
+  # text_overrides: Qwen3TextConfig fields, e.g. attention_implementation ("xla" dense mask,
+  # "chunked" blockwise, "splash" TPU kernel, "cudnn", "auto") and moe_implementation.
+  attn = ("chunked" if tiny else "auto") if stage == "c" else ("xla" if tiny else "auto")
   c.model = ml_collections.ConfigDict(dict(
       preset=_PRESETS[variant], dtype="float32" if tiny else "bfloat16", param_dtype="float32",
-      scan_layers=not tiny, remat=not tiny, text_overrides={}))
+      scan_layers=not tiny, remat=not tiny,
+      text_overrides={"attention_implementation": attn, "attention_block_size": 512}))
   # hf_checkpoint: an HF Qwen3-VL / Qwen3-VL-MoE / Qwen2.5-VL directory (its config.json
   # replaces the preset); workdir: an earlier stage's workdir (matching parameters are taken).
   c.init = ml_collections.ConfigDict(dict(hf_checkpoint="", workdir=""))
