@@ -61,7 +61,7 @@ def test_schedule_warmup_then_cosine():
   assert float(s(10)) == pytest.approx(1e-4)
   assert float(s(55)) == pytest.approx(1e-5 + (1e-4 - 1e-5) * 0.5, rel=1e-4)
   assert float(s(100)) == pytest.approx(1e-5)
-  with pytest.raises(ValueError, match="exceeds total_steps"):
+  with pytest.raises(ValueError, match="must be smaller than total_steps"):
     optim.learning_rate_schedule(_cfg(warmup_steps=200))
 
 

@@ -130,7 +130,7 @@ def test_nan_loss_stops_with_the_step(tmp_path, monkeypatch):
 @pytest.mark.parametrize("over,msg", [
     ({"mesh.shape": {"data": 3}}, "needs 3 devices"),
     ({"global_batch_size": 6}, "not divisible"),
-    ({"optim.warmup_steps": 99}, "exceeds total_steps"),
+    ({"optim.warmup_steps": 99}, "must be smaller than total_steps"),
 ])
 def test_bad_config_is_a_clear_error(tmp_path, over, msg):
   with pytest.raises(ValueError, match=msg):

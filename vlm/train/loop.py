@@ -63,6 +63,7 @@ def validate_config(config) -> None:
   if config.optim.total_steps != config.total_steps:
     raise ValueError("config.optim.total_steps must equal config.total_steps (the schedule "
                      "length); set both")
+  optim.learning_rate_schedule(config.optim)  # warmup shorter than training, before compiling
   micro = config.get("microbatches", 1)
   if not isinstance(micro, int) or micro < 1:
     raise ValueError(f"microbatches must be a positive int, got {micro!r}")

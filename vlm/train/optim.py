@@ -80,12 +80,14 @@ def learning_rate_schedule(cfg) -> optax.Schedule:
   at ``total_steps`` (per-step version of LAVIS ``linear_warmup_cosine_lr``; spec section 6.3).
 
   Raises:
-    ValueError: warmup longer than training, or non-positive total steps.
+    ValueError: a warmup as long as training or longer, or non-positive total steps.
   """
   if cfg.total_steps <= 0:
     raise ValueError(f"total_steps must be positive, got {cfg.total_steps}")
-  if cfg.warmup_steps > cfg.total_steps:
-    raise ValueError(f"warmup_steps ({cfg.warmup_steps}) exceeds total_steps ({cfg.total_steps})")
+  if cfg.warmup_steps >= cfg.total_steps:
+    raise ValueError(f"optim.warmup_steps ({cfg.warmup_steps}) must be smaller than total_steps "
+                     f"({cfg.total_steps}): set --config.optim.warmup_steps lower (the cosine "
+                     "decay needs at least one step after the warmup)")
   return optax.warmup_cosine_decay_schedule(
       init_value=cfg.warmup_lr, peak_value=cfg.lr, warmup_steps=cfg.warmup_steps,
       decay_steps=cfg.total_steps, end_value=cfg.min_lr)
