@@ -407,10 +407,11 @@ def qwen_vl_config(stage: str, variant: str | None = None) -> ml_collections.Con
     c.data.sources = caption_rows if stage.startswith("a") else (caption_rows
                                                                  + list(c.data.sources))
   length = {"a": 8192, "a_merger_only": 8192, "b": 8192, "c": 32768, "sft": 8192}[stage]
+  # Np ~ 1.5 L keeps rows full at these pixel budgets (measured packing efficiency 0.95-0.98)
   c.data.max_length = 512 if tiny else length
-  c.data.max_patches = 512 if tiny else length * 2
+  c.data.max_patches = 768 if tiny else length * 3 // 2
   if tiny and stage == "c":
-    c.data.max_length = 2048
+    c.data.max_length, c.data.max_patches = 2048, 3072
   c.loss = ml_collections.ConfigDict(dict(chunk_size=256 if tiny else 1024, z_loss=0.0,
                                           router_aux_loss=True, router_aux_loss_coef=None))
 
