@@ -20,7 +20,7 @@ from vlm.inference import generate as G
 from vlm.models.qwen3_vl import Qwen2_5_VL, Qwen3VL, init_params
 from vlm.models.qwen_presets import qwen_config
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _script():

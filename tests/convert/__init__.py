@@ -1,0 +1,1 @@
+"""Tests for vlm.convert (HF checkpoint conversion)."""

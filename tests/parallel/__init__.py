@@ -1,0 +1,1 @@
+"""Tests for vlm.parallel (meshes, sharded steps on the 8 simulated CPU devices of tests/conftest.py)."""
