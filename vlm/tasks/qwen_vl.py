@@ -456,82 +456,6 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "me
                     "special_tokens_map.json", "added_tokens.json")
 
 
-def _saved_run_config(directory: str, step: int) -> ml_collections.ConfigDict:
-  """The run config stored in the ``metadata`` item of checkpoint ``step`` (written by
-  :func:`vlm.train.loop.run` as ``config.to_json_best_effort()``).
-
-  Raises:
-    ValueError: metadata that is unreadable or holds no config (a damaged checkpoint).
-  """
-  import orbax.checkpoint as ocp
-  options = ocp.CheckpointManagerOptions(read_only=True, create=False)
-  with ocp.CheckpointManager(directory, options=options,
-                             item_handlers={"metadata": ocp.JsonCheckpointHandler()}) as manager:
-    meta = manager.restore(step, args=ocp.args.Composite(metadata=ocp.args.JsonRestore()))
-  meta = meta["metadata"]
-  saved = meta.get("config") if isinstance(meta, dict) else None
-  if isinstance(saved, str):
-    saved = json.loads(saved)
-  if not isinstance(saved, dict):
-    raise ValueError("its metadata holds no run config")
-  return ml_collections.ConfigDict(saved)
-
-
-def _steps_newest_first(directory: str) -> list[int]:
-  steps = []
-  for name in os.listdir(directory):
-    if name.isdigit() and os.path.isdir(os.path.join(directory, name)):
-      steps.append(int(name))
-  return sorted(steps, reverse=True)
-
-
-def restore_run(workdir: str, step: int | None = None):
-  """The run config and parameters of a training workdir's checkpoint, on any device count.
-
-  Newest first (or exactly ``step``): the checkpoint's metadata gives the run config, then its
-  parameters are read as host numpy arrays with :func:`vlm.train.checkpoint.restore_params`
-  (whatever mesh wrote them). A checkpoint whose metadata or parameters cannot be read is
-  skipped with a warning and the one before it is tried (read-only: nothing is moved).
-
-  Args:
-    workdir: a ``vlm.train.loop.run`` workdir (``<workdir>/checkpoints/<step>``).
-    step: a checkpoint step, or None for the newest intact one.
-  Returns:
-    ``(step, config, params)``: the ``ml_collections.ConfigDict`` of the run and its
-    ``"params"`` nested dict (scanned ``language_model/layers`` when the run scanned them).
-  Raises:
-    FileNotFoundError: no checkpoints in ``workdir``, or none intact (each step's error listed).
-    ValueError: the requested ``step`` is absent or damaged.
-  """
-  from vlm.train import checkpoint as ckpt
-  directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
-  if not os.path.isdir(directory):
-    raise FileNotFoundError(f"no checkpoints in {directory}: {workdir} is not a training workdir "
-                            "(train first with scripts/train.py --workdir ...)")
-  steps = _steps_newest_first(directory)
-  if not steps:
-    raise FileNotFoundError(f"no finished checkpoint in {directory}")
-  if step is not None:
-    if step not in steps:
-      raise ValueError(f"no checkpoint of step {step} in {directory}; there are {sorted(steps)}")
-    steps = [step]
-  errors = []
-  for s in steps:
-    try:
-      config = _saved_run_config(directory, s)
-      _, params = ckpt.restore_params(workdir, s)
-    except Exception as e:  # pylint: disable=broad-except  (unreadable: damaged)
-      why = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:240]
-      errors.append(f"step {s}: {why}")
-      if step is not None:
-        raise ValueError(f"checkpoint step {s} in {directory} is damaged ({why})") from e
-      log.warning("checkpoint step %d in %s is damaged (%s); trying the one before", s,
-                  directory, why)
-      continue
-    return s, config, params
-  raise FileNotFoundError(f"no intact checkpoint in {directory}: {'; '.join(errors)}")
-
-
 def _processor_files(model_cfg, proc) -> dict[str, dict]:
   """HF ``preprocessor_config.json`` / ``video_preprocessor_config.json`` for the processor
   settings ``proc`` (:class:`vlm.data.qwen_processor.QwenProcessorConfig`)."""
@@ -579,7 +503,7 @@ def export_hf(workdir: str, output: str, step: int | None = None, *,
 
   Args:
     workdir: the training workdir; ``step``: its checkpoint (None: the newest intact one,
-      damaged newer ones are skipped with a warning, see :func:`restore_run`).
+      damaged newer ones are skipped with a warning, see :func:`vlm.train.checkpoint.restore_run`).
     output: the directory to write (created).
     max_shard_size: e.g. ``"2GB"`` to shard the safetensors (None: one file).
     overwrite: allow a non-empty ``output`` (its old weight files are removed first).
@@ -602,7 +526,8 @@ def export_hf(workdir: str, output: str, step: int | None = None, *,
   if os.path.isdir(output) and os.listdir(output) and not overwrite:
     raise FileExistsError(f"{output} is not empty; pick a new directory or pass overwrite=True "
                           "(--overwrite)")
-  step, config, params = restore_run(workdir, step)
+  from vlm.train import checkpoint as ckpt
+  step, config, params = ckpt.restore_run(workdir, step)
   task = config.get("task", None)
   if task != "qwen_vl":
     raise ValueError(f"{workdir} was trained with task {task!r}, not 'qwen_vl': the HF export "
