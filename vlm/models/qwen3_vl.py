@@ -249,6 +249,8 @@ class Qwen3VL(nn.Module):
     config: model configuration.
     scan_layers, remat: passed to the decoder (:class:`vlm.models.qwen3.Qwen3Model`); ``remat``
       also to the vision tower.
+  The text config's ``attention_implementation`` / ``attention_block_size`` (vlm settings) choose
+  the attention of the decoder's uncached path and of the vision tower alike.
   Call args:
     input_ids: int [B, L].
     position_ids: int [3, B, L] (rows T, H, W) from ``rope_index`` (prefill) or
@@ -290,10 +292,13 @@ class Qwen3VL(nn.Module):
   def setup(self):
     cfg = self.config
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    # the text config's attention choice (a vlm setting) also routes the ViT's packed images
+    vis_kw = dict(attention_implementation=cfg.text.attention_implementation,
+                  attention_block_size=cfg.text.attention_block_size, remat=self.remat)
     if isinstance(cfg.vision, qwen_vit.Qwen2_5_VLVisionConfig):
-      self.visual = qwen_vit.Qwen2_5_VLVisionModel(cfg.vision, remat=self.remat, **kw)
+      self.visual = qwen_vit.Qwen2_5_VLVisionModel(cfg.vision, **vis_kw, **kw)
     else:
-      self.visual = qwen_vit.Qwen3VLVisionModel(cfg.vision, remat=self.remat, **kw)
+      self.visual = qwen_vit.Qwen3VLVisionModel(cfg.vision, **vis_kw, **kw)
     self.language_model = Qwen3Model(cfg.text, scan_layers=self.scan_layers, remat=self.remat,
                                      **kw)
     if not cfg.text.tie_word_embeddings:

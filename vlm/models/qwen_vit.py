@@ -31,6 +31,16 @@ as HF's ``cu_seqlens``. Attention allows query i -> key j iff ``segment_ids[i] =
 so real tokens never see padding (padding tokens see only padding); the merged outputs of padded
 merge units are set to zero.
 
+Attention implementation (the towers' ``attention_implementation`` / ``attention_block_size``
+module attributes, vlm settings that are not part of the HF vision config; :class:`Qwen3VL
+<vlm.models.qwen3_vl.Qwen3VL>` passes its text config's values): ``"xla"`` builds the dense
+``[B, 1, Np, Np]`` segment mask and calls :func:`vlm.nn.attention.dot_product_attention` (memory
+O(Np**2) per head); every other choice (``"chunked"``, ``"splash"``, ``"cudnn"``, ``"auto"``) calls
+the segment-aware :func:`vlm.nn.attention.attention` with the per-row segment ids (Qwen2.5-VL
+windowed blocks: the window segment ids), non-causal, so no ``[Np, Np]`` array exists and the
+blocks of different images (or windows) are skipped by ``chunked``. ``"auto"`` resolving to
+``"xla"`` takes the dense path.
+
 float16 (``dtype=jnp.float16``): computed safely, not refused (decision per path; mechanism in
 ``vlm.nn.layers``). Measured reports put real checkpoints beyond 65,504 in exactly these towers:
 the Qwen2.5-VL-3B ViT's last block (SwiGLU ``down_proj`` output and the residual after it;
@@ -72,7 +82,8 @@ import numpy as np
 from vlm.nn import layers
 from vlm.nn import partitioning as P
 from vlm.nn import rope
-from vlm.nn.attention import dot_product_attention
+from vlm.nn.attention import (IMPLEMENTATIONS, attention, dot_product_attention,
+                              resolve_implementation)
 
 Dtype = Any
 
@@ -470,23 +481,43 @@ def _gather_units(x, index, unit: int):
   return jnp.take_along_axis(xu, idx, axis=1).reshape(x.shape)
 
 
+def _check_implementation(implementation: str, block_size: int) -> None:
+  if implementation not in IMPLEMENTATIONS:
+    raise ValueError(f"vision attention_implementation must be one of {IMPLEMENTATIONS}, got "
+                     f"{implementation!r}")
+  if block_size < 1:
+    raise ValueError(f"vision attention_block_size must be >= 1, got {block_size}")
+
+
 class VisionAttention(nn.Module):
-  """Fused-qkv self-attention with 2-D RoPE and a segment mask (spec 3.5; HF
+  """Fused-qkv self-attention with 2-D RoPE, confined to segments (spec 3.5; HF
   ``Qwen3VLVisionAttention`` / ``Qwen2_5_VLVisionAttention``).
 
   ``qkv`` [Dv, 3Dv] (+bias): output features [q | k | v], heads contiguous in each third;
   ``proj`` [Dv, Dv] (+bias). Scale ``hd ** -0.5``; scores and softmax in float32. q and k are
   rotated by :func:`vlm.nn.rope.rotate` (rotate-half pairing, float32 arithmetic, cast back: HF
-  ``apply_rotary_pos_emb_vision``).
-  Shapes: x [B, L, Dv], angles float32 [B, L, hd/2], mask bool [B, 1, L, L] -> [B, L, Dv] in
+  ``apply_rotary_pos_emb_vision``). Query i attends key j iff ``segment_ids[i] ==
+  segment_ids[j]`` (HF's per-``cu_seqlens`` attention; padding id 0 attends padding).
+
+  Attributes:
+    implementation: ``"xla"`` (dense [B, 1, L, L] mask, :func:`vlm.nn.attention.
+      dot_product_attention`) or any other of ``vlm.nn.attention.IMPLEMENTATIONS`` (segment-aware
+      :func:`vlm.nn.attention.attention`, non-causal; ``"auto"`` resolving to ``"xla"`` takes the
+      dense path).
+    block_size: block length of ``chunked`` / ``splash``.
+  Shapes: x [B, L, Dv], angles float32 [B, L, hd/2], segment_ids int [B, L] -> [B, L, Dv] in
   ``dtype`` (float32 for float16 compute: ``proj`` feeds the float32 residual).
+  Raises:
+    ValueError: an unknown implementation (or one unavailable here, e.g. ``cudnn`` off GPU).
   """
   num_heads: int
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  implementation: str = "xla"
+  block_size: int = 512
 
   @nn.compact
-  def __call__(self, x, angles, mask):
+  def __call__(self, x, angles, segment_ids):
     b, l, d = x.shape
     h = self.num_heads
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
@@ -494,7 +525,14 @@ class VisionAttention(nn.Module):
     qkv = qkv.reshape(b, l, 3, h, d // h)
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
     q, k = rope.rotate(q, angles), rope.rotate(k, angles)
-    out = dot_product_attention(q, k, v, mask=mask, dtype=self.dtype)
+    _check_implementation(self.implementation, self.block_size)
+    impl = resolve_implementation(self.implementation, key_length=l, head_dim=d // h,
+                                  dtype=self.dtype, has_segments=True)
+    if impl == "xla":
+      out = dot_product_attention(q, k, v, mask=_segment_mask(segment_ids), dtype=self.dtype)
+    else:
+      out = attention(q, k, v, segment_ids=segment_ids, causal=False, implementation=impl,
+                      block_size=self.block_size, dtype=self.dtype)
     return layers.Dense(d, kernel_axes=(P.HEADS, P.EMBED), name="proj", wide_float16=True,
                         **kw)(out.reshape(b, l, d))
 
@@ -505,22 +543,28 @@ class VisionBlock(nn.Module):
   The config's type picks the reference: :class:`Qwen3VLVisionConfig` gives HF
   ``Qwen3VLVisionBlock`` (LayerNorm eps 1e-6, GELU-tanh MLP ``linear_fc2(act(linear_fc1(x)))``);
   :class:`Qwen2_5_VLVisionConfig` gives HF ``Qwen2_5_VLVisionBlock`` (RMSNorm eps 1e-6, SwiGLU MLP
-  ``down_proj(act(gate_proj(x)) * up_proj(x))`` with biases). Shapes: [B, L, Dv] -> [B, L, Dv],
-  in :func:`vlm.nn.layers.residual_dtype` of ``dtype`` (float32 for float16).
+  ``down_proj(act(gate_proj(x)) * up_proj(x))`` with biases). Shapes: x [B, L, Dv], angles
+  float32 [B, L, hd/2], segment_ids int [B, L] -> [B, L, Dv], in
+  :func:`vlm.nn.layers.residual_dtype` of ``dtype`` (float32 for float16).
+  ``attention_implementation`` / ``attention_block_size``: as :class:`VisionAttention`.
   """
   config: Qwen3VLVisionConfig | Qwen2_5_VLVisionConfig
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  attention_implementation: str = "xla"
+  attention_block_size: int = 512
 
   @nn.compact
-  def __call__(self, x, angles, mask):
+  def __call__(self, x, angles, segment_ids):
     cfg = self.config
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     if isinstance(cfg, Qwen2_5_VLVisionConfig):
       norm, mlp = (lambda name: layers.RMSNorm(1e-6, name=name, **kw)), _Qwen2_5_VLVisionMlp
     else:
       norm, mlp = (lambda name: layers.LayerNorm(epsilon=1e-6, name=name, **kw)), _Qwen3VLVisionMlp
-    x = x + VisionAttention(cfg.num_heads, name="attn", **kw)(norm("norm1")(x), angles, mask)
+    attn = VisionAttention(cfg.num_heads, implementation=self.attention_implementation,
+                           block_size=self.attention_block_size, name="attn", **kw)
+    x = x + attn(norm("norm1")(x), angles, segment_ids)
     y = mlp(cfg, name="mlp", **kw)(norm("norm2")(x))
     return P.constrain(x + y, ACTIVATION_AXES)
 
@@ -638,6 +682,9 @@ class Qwen3VLVisionModel(nn.Module):
   Attributes:
     config: :class:`Qwen3VLVisionConfig`.
     remat: rematerialise each block in the backward pass.
+    attention_implementation: ``"xla"`` (dense [B, 1, Np, Np] segment mask) or another of
+      ``vlm.nn.attention.IMPLEMENTATIONS`` (segment-aware, module docstring); a vlm setting.
+    attention_block_size: block length of ``chunked`` / ``splash``.
   Call args (the last four = ``vision_inputs(config, grid_thw, max_patches)``):
     pixel_values: float [Np, F] or [B, Np, F] (HF layout, zero rows for padding).
     segment_ids: int [(B,) Np]; rope_positions: int [(B,) Np, 2];
@@ -647,12 +694,15 @@ class Qwen3VLVisionModel(nn.Module):
     ``dtype`` (float32 for float16 compute, module docstring); rows of padded merge units are
     zero; the real rows follow the input order.
   Raises:
-    ValueError: on shapes inconsistent with the config or with each other.
+    ValueError: on shapes inconsistent with the config or with each other, or an unknown
+      attention implementation.
   """
   config: Qwen3VLVisionConfig
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   remat: bool = False
+  attention_implementation: str = "xla"
+  attention_block_size: int = 512
 
   @nn.compact
   def __call__(self, pixel_values, segment_ids, rope_positions, pos_embed_index,
@@ -683,14 +733,16 @@ class Qwen3VLVisionModel(nn.Module):
 
     angles = vision_rope_angles(a["rope_positions"], cfg.head_dim)
     seg = jnp.asarray(a["segment_ids"], jnp.int32)
-    mask = _segment_mask(seg)
     valid = (seg.reshape(b, n // unit, unit)[..., 0] > 0)[..., None]
 
+    _check_implementation(self.attention_implementation, self.attention_block_size)
     block_cls = nn.remat(VisionBlock) if self.remat else VisionBlock
+    attn_kw = dict(attention_implementation=self.attention_implementation,
+                   attention_block_size=self.attention_block_size)
     taps = {layer: k for k, layer in enumerate(cfg.deepstack_visual_indexes)}
     deepstack = [None] * len(taps)
     for i in range(cfg.depth):
-      x = block_cls(cfg, name=f"blocks_{i}", **kw)(x, angles, mask)
+      x = block_cls(cfg, name=f"blocks_{i}", **attn_kw, **kw)(x, angles, seg)
       if i in taps:
         k = taps[i]
         ds = Qwen3VLVisionPatchMerger(cfg, use_postshuffle_norm=True,
@@ -761,6 +813,10 @@ class Qwen2_5_VLVisionModel(nn.Module):
   Attributes:
     config: :class:`Qwen2_5_VLVisionConfig`.
     remat: rematerialise each block in the backward pass.
+    attention_implementation: ``"xla"`` (dense [B, 1, Np, Np] masks) or another of
+      ``vlm.nn.attention.IMPLEMENTATIONS`` (segment-aware with the image segment ids in the
+      full-attention blocks and the window segment ids in the others; module docstring).
+    attention_block_size: block length of ``chunked`` / ``splash``.
   Call args (the last five = ``vision_inputs(config, grid_thw, max_patches)``):
     pixel_values: float [Np, F] or [B, Np, F]; segment_ids int [(B,) Np];
     rope_positions int [(B,) Np, 2]; window_index, window_inverse int [(B,) Np/4];
@@ -769,12 +825,15 @@ class Qwen2_5_VLVisionModel(nn.Module):
     merged [(B,) Np/4, Dout] in ``dtype`` (float32 for float16 compute, module docstring), input
     order, zero rows for padded merge units.
   Raises:
-    ValueError: on shapes inconsistent with the config or with each other.
+    ValueError: on shapes inconsistent with the config or with each other, or an unknown
+      attention implementation.
   """
   config: Qwen2_5_VLVisionConfig
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   remat: bool = False
+  attention_implementation: str = "xla"
+  attention_block_size: int = 512
 
   @nn.compact
   def __call__(self, pixel_values, segment_ids, rope_positions, window_index, window_inverse,
@@ -802,13 +861,15 @@ class Qwen2_5_VLVisionModel(nn.Module):
     pos = _gather_units(jnp.asarray(a["rope_positions"], jnp.int32), win, unit)
     seg = _gather_units(jnp.asarray(a["segment_ids"], jnp.int32), win, unit)
     angles = vision_rope_angles(pos, cfg.head_dim)
-    full_mask = _segment_mask(seg)
-    window_mask = _segment_mask(jnp.asarray(a["window_segment_ids"], jnp.int32))
+    window_seg = jnp.asarray(a["window_segment_ids"], jnp.int32)
 
+    _check_implementation(self.attention_implementation, self.attention_block_size)
     block_cls = nn.remat(VisionBlock) if self.remat else VisionBlock
+    attn_kw = dict(attention_implementation=self.attention_implementation,
+                   attention_block_size=self.attention_block_size)
     for i in range(cfg.depth):
-      mask = full_mask if i in cfg.fullatt_block_indexes else window_mask
-      x = block_cls(cfg, name=f"blocks_{i}", **kw)(x, angles, mask)
+      segments = seg if i in cfg.fullatt_block_indexes else window_seg
+      x = block_cls(cfg, name=f"blocks_{i}", **attn_kw, **kw)(x, angles, segments)
     merged = Qwen2_5_VLPatchMerger(cfg, name="merger", **kw)(x)
     inv = jnp.asarray(a["window_inverse"], jnp.int32)
     merged = jnp.take_along_axis(merged, inv[..., None], axis=1)
