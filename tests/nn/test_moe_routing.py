@@ -7,6 +7,7 @@ same on an 8-device (data, tensor, expert) mesh, and config validation.
 """
 import dataclasses
 
+import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -159,13 +160,15 @@ def test_block_bf16_and_grads():
   out = jax.jit(run)(params, x)
   (yd, gd, bd), (yr, gr, br) = out["dense"], out["ragged"]
   err_y = _max(yd, yr)
+  chex.assert_trees_all_equal_shapes_and_dtypes(gr, gd)
   err_g = max(_max(p, q) for p, q in zip(jax.tree.leaves(gd), jax.tree.leaves(gr)))
   assert br.dtype == bd.dtype == jnp.bfloat16
   err_bf16 = _max(bd, br) / float(jnp.max(jnp.abs(yd)))
   err_bf16_ref = _max(bd, yd) / float(jnp.max(jnp.abs(yd)))
   print(f"block f32 max abs err {err_y:.2e}, grads {err_g:.2e}; bf16 ragged-vs-dense "
         f"{err_bf16:.2e} (bf16 dense vs f32: {err_bf16_ref:.2e}) relative to max |y|")
-  assert err_y <= TOL and err_g <= TOL
+  chex.assert_trees_all_close((yr, gr), (yd, gd), atol=TOL, rtol=0)
+  chex.assert_tree_all_finite(br)
   assert err_bf16 < 0.05
 
 

@@ -7,11 +7,13 @@ apply_rotary_pos_emb_vision (axial 2-D). Every comparison is float32 with max ab
 """
 import types
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from absl.testing import parameterized
 
 from vlm.nn import rope
 
@@ -147,7 +149,8 @@ def test_assignment_layouts():
 
 
 # ---------------------------------------------------------------------------------------------
-# Relative-position invariance for every variant
+# Properties (chex variants, with and without jit): relative-position invariance for every
+# variant; MRoPE on text equals 1-D RoPE
 # ---------------------------------------------------------------------------------------------
 
 def _yarn_spectrum(dim):
@@ -174,61 +177,64 @@ VARIANTS = {
 }
 
 
-@pytest.mark.parametrize("name", list(VARIANTS))
-def test_relative_position_invariance(name):
-  # Jitted only: the eager path of every assignment is covered by the HF equivalence tests.
-  build, head_dim, pairing, attn = VARIANTS[name]
-  omega = build()
-  num_axes = omega.shape[0]
-  rng = np.random.default_rng(0)
-  length, heads = 12, 2
-  # Unit-norm rows so scores are O(1) and the 1e-5 bound is an absolute one on O(1) numbers.
-  q = rng.standard_normal((length, heads, head_dim)).astype(np.float32) / np.sqrt(head_dim)
-  k = rng.standard_normal((length, heads, head_dim)).astype(np.float32) / np.sqrt(head_dim)
-  pos = rng.integers(0, 40, size=(num_axes, length))
-  shift = rng.integers(-20, 60, size=(num_axes, 1))
+class RopePropertiesTest(chex.TestCase):
+  """Property tests, each run through ``chex.variants`` with and without ``jax.jit``."""
 
-  @jax.jit
-  def scores(p):
-    th = rope.angles(p, omega)
-    rq = rope.rotate(q, th, pairing, attn)
-    rk = rope.rotate(k, th, pairing, attn)
-    return rq, rk
+  @chex.variants(with_jit=True, without_jit=True)
+  @parameterized.named_parameters(*((name, name) for name in VARIANTS))
+  def test_relative_position_invariance(self, name):
+    """q.k after rotation depends only on the position difference: shifting every position of
+    every axis by the same per-axis offset leaves all scores unchanged (1e-5 abs)."""
+    build, head_dim, pairing, attn = VARIANTS[name]
+    omega = build()
+    num_axes = omega.shape[0]
+    rng = np.random.default_rng(0)
+    length, heads = 12, 2
+    # Unit-norm rows so scores are O(1) and the 1e-5 bound is an absolute one on O(1) numbers.
+    q = rng.standard_normal((length, heads, head_dim)).astype(np.float32) / np.sqrt(head_dim)
+    k = rng.standard_normal((length, heads, head_dim)).astype(np.float32) / np.sqrt(head_dim)
+    pos = rng.integers(0, 40, size=(num_axes, length))
+    shift = rng.integers(-20, 60, size=(num_axes, 1))
 
-  def qk(p):
-    rq, rk = (np.asarray(a, np.float64) for a in scores(jnp.asarray(p, jnp.int32)))
-    return np.einsum("qhd,khd->hqk", rq, rk)
+    @self.variant
+    def rotated(p):
+      th = rope.angles(p, omega)
+      return rope.rotate(q, th, pairing, attn), rope.rotate(k, th, pairing, attn)
 
-  s0, s1 = qk(pos), qk(pos + shift)
-  err = _max_err(s0, s1)
-  print(f"{name}: shift invariance max abs err {err:.3g} (scores up to {np.abs(s0).max():.3g})")
-  assert err <= TOL
-  # Not trivially invariant: moving only one key changes its scores.
-  moved = pos.copy()
-  moved[:, 0] += 3
-  assert _max_err(qk(moved)[:, :, 0], s0[:, :, 0]) > 1e-3
+    def qk(p):
+      rq, rk = rotated(jnp.asarray(p, jnp.int32))
+      chex.assert_shape([rq, rk], (length, heads, head_dim))
+      rq, rk = (np.asarray(a, np.float64) for a in (rq, rk))
+      return np.einsum("qhd,khd->hqk", rq, rk)
 
+    s0, s1 = qk(pos), qk(pos + shift)
+    print(f"{name} {self.variant.type}: shift invariance max abs err {_max_err(s0, s1):.3g} "
+          f"(scores up to {np.abs(s0).max():.3g})")
+    chex.assert_trees_all_close(s1, s0, atol=TOL, rtol=0)
+    # Not trivially invariant: moving only one key changes its scores.
+    moved = pos.copy()
+    moved[:, 0] += 3
+    assert _max_err(qk(moved)[:, :, 0], s0[:, :, 0]) > 1e-3
 
-# ---------------------------------------------------------------------------------------------
-# MRoPE on text equals 1-D RoPE
-# ---------------------------------------------------------------------------------------------
+  @chex.variants(with_jit=True, without_jit=True)
+  @parameterized.named_parameters(("interleaved", True, [24, 20, 20]),
+                                  ("sectioned", False, [16, 24, 24]))
+  def test_text_only_mrope_equals_1d(self, interleaved, section):
+    """MRoPE with t = h = w (text tokens) gives exactly the 1-D RoPE angles and rotation."""
+    rng = np.random.default_rng(1)
+    pos = jnp.asarray(rng.integers(0, 5000, size=(2, 9)), jnp.int32)
+    x = jnp.asarray(rng.standard_normal((2, 9, 3, 128)), jnp.float32)
 
-@pytest.mark.parametrize("interleaved,section", [(True, [24, 20, 20]), (False, [16, 24, 24])])
-def test_text_only_mrope_equals_1d(interleaved, section, maybe_jit):
-  rng = np.random.default_rng(1)
-  pos = jnp.asarray(rng.integers(0, 5000, size=(2, 9)), jnp.int32)
-  x = jnp.asarray(rng.standard_normal((2, 9, 3, 128)), jnp.float32)
+    @self.variant
+    def both(p, x):
+      a3 = rope.mrope(jnp.broadcast_to(p, (3,) + p.shape), 128, 5e6, section, interleaved)
+      a1 = rope.text_rope(p, 128, 5e6)
+      return a3, a1, rope.rotate(x, a3), rope.rotate(x, a1)
 
-  @maybe_jit
-  def both(p, x):
-    a3 = rope.mrope(jnp.broadcast_to(p, (3,) + p.shape), 128, 5e6, section, interleaved)
-    a1 = rope.text_rope(p, 128, 5e6)
-    return a3, a1, rope.rotate(x, a3), rope.rotate(x, a1)
-
-  a3, a1, r3, r1 = both(pos, x)
-  assert a3.shape == (2, 9, 64) and a3.dtype == jnp.float32
-  np.testing.assert_array_equal(np.asarray(a3), np.asarray(a1))
-  np.testing.assert_array_equal(np.asarray(r3), np.asarray(r1))
+    a3, a1, r3, r1 = both(pos, x)
+    chex.assert_shape([a3, a1], (2, 9, 64))
+    chex.assert_type([a3, a1, r3, r1], jnp.float32)
+    chex.assert_trees_all_equal((a3, r3), (a1, r1))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ depend on the sharding because jax's threefry is partitionable), so the test cov
 """
 import dataclasses
 
+import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -88,10 +89,8 @@ def test_sharded_step_equals_single_device(reference, shape):
         np.testing.assert_allclose(m[k], rm[k], rtol=1e-5, err_msg=k)
       else:
         np.testing.assert_allclose(m[k], rm[k], atol=1e-5, rtol=0, err_msg=k)
-  diffs = jax.tree.map(lambda a, b: float(np.max(np.abs(np.asarray(a) - np.asarray(b)))),
-                       params, ref_params)
-  worst = max(jax.tree.leaves(diffs))
-  assert worst <= 1e-5, worst
+  chex.assert_trees_all_equal_structs(params, ref_params)
+  chex.assert_trees_all_close(params, ref_params, atol=1e-5, rtol=0)
   if "fsdp" in shape:
     kernel = state.params["qformer"]["encoder"]["layer_0"]["attention"]["attention"]["query"][
         "kernel"]
