@@ -71,15 +71,6 @@ def test_uniform_router_gives_top_k():
   np.testing.assert_allclose(float(moe.load_balancing_loss([base], E, K)), K, atol=1e-3)
 
 
-def test_collect_router_logits_from_intermediates():
-  a, b, c = (np.full((6, 4), i, np.float32) for i in range(3))
-  inter = {"layers_10": {"mlp": {"router_logits": (c,)}}, "layers_2": {"mlp": {"router_logits": (b,)}},
-           "layers_0": {"attn": {}, "mlp": {"router_logits": (a,)}}}
-  got = moe.collect_router_logits(inter)
-  assert [float(x[0, 0]) for x in got] == [0.0, 1.0, 2.0]
-  assert moe.collect_router_logits(None) == []
-
-
 def test_bad_inputs_raise_clear_errors():
   layers = _logits(0, B=2, L=7, E=8)
   with pytest.raises(ValueError, match="router_logits is empty"):

@@ -16,7 +16,6 @@ Named axes: ``NL`` MoE layers, ``T`` tokens per layer (= ``B*L``), ``E`` experts
 """
 from __future__ import annotations
 
-import re
 from typing import Any, Optional, Sequence, Union
 
 import jax
@@ -68,7 +67,7 @@ def load_balancing_loss(router_logits: Union[Sequence[Any], jax.Array], num_expe
 
   Args:
     router_logits: a tuple/list over layers of ``[T, E]`` arrays (HF ``outputs.router_logits``,
-      or the Flax ``("router_logits", ...)`` sown values, see :func:`collect_router_logits`), or
+      or the Flax ``("router_logits", ...)`` sown values, see :func:`vlm.models.qwen3.router_logits`), or
       a stacked ``[NL, T, E]`` array (scanned layers). Any float dtype; computed in float32.
     num_experts: E; must equal the last axis of the logits.
     top_k: K experts per token (``config.num_experts_per_tok``), 1 <= K <= E.
@@ -105,38 +104,3 @@ def load_balancing_loss(router_logits: Union[Sequence[Any], jax.Array], num_expe
   tokens_per_expert = jnp.einsum("ntke,nt->ke", routed, weights) / count        # [K, E]
   prob_per_expert = jnp.einsum("nte,nt->e", probs, weights) / count             # [E]
   return jnp.sum(tokens_per_expert * prob_per_expert[None, :]) * n_exp
-
-
-def collect_router_logits(intermediates, name: str = "router_logits") -> list:
-  """Every value sown under ``name`` in a Flax ``intermediates`` collection, as a list of arrays.
-
-  ``nn.Module.sow("intermediates", name, x)`` stores a tuple of the values sown by each module
-  (one per call); this walks the nested dict and returns all of them. Their order does not matter
-  for :func:`load_balancing_loss`, which pools over layers and tokens; they are returned in sorted
-  key-path order, with numbers compared as numbers (``layers_2`` before ``layers_10``).
-
-  Args:
-    intermediates: the ``"intermediates"`` collection returned by ``apply(..., mutable=
-      ["intermediates"])`` (a nested mapping), or ``None``.
-    name: the sow name (the batch contract uses ``"router_logits"``).
-  Returns:
-    List of arrays, ``[T, E]`` per layer (or ``[NL, T, E]`` for scanned layers); empty if none.
-  """
-  found = []
-
-  def natural(path):
-    return [tuple((0, int(p)) if p.isdigit() else (1, p) for p in re.split(r"(\d+)", str(k)))
-            for k in path]
-
-  def walk(node, path):
-    if hasattr(node, "items"):
-      for k, v in node.items():
-        if k == name:
-          values = v if isinstance(v, (tuple, list)) else (v,)
-          found.extend((path + (k, i), x) for i, x in enumerate(values))
-        else:
-          walk(v, path + (k,))
-
-  walk(intermediates or {}, ())
-  found.sort(key=lambda item: natural(item[0]))
-  return [x for _, x in found]
