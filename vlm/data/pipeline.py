@@ -63,6 +63,13 @@ def split_paths(data_cfg: Any, split: str) -> tuple[str, str]:
   return ann, image_dir
 
 
+class IteratorStateMismatchError(ValueError):
+  """A saved data-iterator state that belongs to another data stream (other sources, batch
+  size, row length, seed or process layout). The checkpoint is intact; resuming it exactly with
+  this config is impossible. :func:`vlm.train.checkpoint.restore_latest` reports it as a
+  config mismatch (never as a damaged checkpoint)."""
+
+
 @dataclasses.dataclass
 class DataStats:
   """Bad-sample accounting of one source.

@@ -573,9 +573,11 @@ class QwenPackedIterator(grain.DatasetIterator):
 
   def set_state(self, state: Mapping[str, Any]) -> None:
     if state.get("fingerprint") != self._loader.fingerprint:
-      raise ValueError(f"iterator state was saved by a different data stream (fingerprint "
-                       f"{state.get('fingerprint')!r} != {self._loader.fingerprint!r}): same "
-                       "sources, config, seed and process layout are needed to resume")
+      from vlm.data.pipeline import IteratorStateMismatchError
+      raise IteratorStateMismatchError(
+          f"iterator state was saved by a different data stream (fingerprint "
+          f"{state.get('fingerprint')!r} != {self._loader.fingerprint!r}): same "
+          "sources, config, seed and process layout are needed to resume")
     self._next = int(state["next"])
     self._ahead.clear()
     self._pending = [(int(k), self._loader.encoder.encode(self._loader.sample_at(int(k))))

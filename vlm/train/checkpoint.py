@@ -321,8 +321,9 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state, data_iter, *,
 
   Raises:
     CheckpointMismatchError: an intact checkpoint whose state does not fit ``abstract_state``
-      (another model size, other frozen parameters); the message lists the changed config keys
-      and the mismatching arrays. Nothing is moved in that case.
+      (another model size, other frozen parameters) or whose data-iterator state belongs to
+      another data stream (a packed stream with another batch size or row length); the message
+      lists the changed config keys. Nothing is moved in that case.
   """
   damaged = []
   for step in sorted(manager.all_steps(), reverse=True):
@@ -368,6 +369,14 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state, data_iter, *,
       state = restored["state"]
       _check_saved_step(state, step)
     except Exception as e:
+      stream = _stream_mismatch(e)
+      if stream is not None:  # intact, but saved by another data stream: refuse, move nothing
+        raise CheckpointMismatchError(
+            f"cannot resume {manager.directory} step {step} exactly with this config: "
+            f"{_first_line(stream)}. Changed config keys: "
+            f"{_format_changes(changes) or 'none recorded'}. Restore the original data config, "
+            "or start a new --workdir (--config.init.workdir=<this workdir> takes its "
+            "parameters).") from e
       damaged.append((step, quarantine(manager, step, workdir), _first_line(e)))
       continue
     for s, path, why in damaged:
@@ -380,6 +389,19 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state, data_iter, *,
     log.warning("checkpoint step %d is damaged (%s); moved it to %s; no intact checkpoint is "
                 "left, starting from the initial parameters", s, why, path)
   return None, None, None
+
+
+def _stream_mismatch(e: BaseException):
+  """The :class:`vlm.data.pipeline.IteratorStateMismatchError` in ``e``'s cause chain, or None
+  (orbax may wrap what the iterator's ``set_state`` raised)."""
+  from vlm.data.pipeline import IteratorStateMismatchError
+  seen = set()
+  while e is not None and id(e) not in seen:
+    if isinstance(e, IteratorStateMismatchError):
+      return e
+    seen.add(id(e))
+    e = e.__cause__ or e.__context__
+  return None
 
 
 def _check_saved_step(state, step: int) -> None:
