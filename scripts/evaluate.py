@@ -1,4 +1,12 @@
-r"""Zero-shot image-text retrieval of a BLIP-2 stage-1 model on the embedded COCO splits.
+r"""Runs a recipe's evaluators (``task.evaluators(config)``) on a training workdir or an HF directory.
+
+BLIP-2 stage 1: zero-shot image-text retrieval on the embedded COCO splits. Qwen-VL: the
+held-out loss and greedy captions of the held-out photos scored with CIDEr / BLEU-4 beside the
+most-frequent-caption baseline:
+
+  python scripts/evaluate.py --config configs/qwen3_vl/sft.py:tiny --workdir runs/qwen_sft
+
+BLIP-2 retrieval:
 
   python scripts/evaluate.py --config configs/blip2/stage1.py:tiny --workdir runs/blip2_tiny \
       --splits=val,train
@@ -23,7 +31,8 @@ config_flags.DEFINE_config_file("config", None, "Config file (path.py[:variant])
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Training workdir whose checkpoint to evaluate.")
 flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).")
-flags.DEFINE_string("hf_checkpoint", None, "Evaluate an HF Blip2ForImageTextRetrieval directory.")
+flags.DEFINE_string("hf_checkpoint", None, "Evaluate an HF directory (BLIP-2 retrieval, or Qwen3-VL / "
+                    "Qwen3-VL-MoE / Qwen2.5-VL for the Qwen recipes).")
 flags.DEFINE_string("output", None, "Where to write the JSON results.")
 flags.DEFINE_list("splits", None, "Splits to evaluate (default: config.eval.splits), e.g. val,train.")
 flags.mark_flags_as_required(["config"])
@@ -36,26 +45,34 @@ def main(argv):
   for name in ("absl", "jax._src.xla_bridge", "orbax"):
     logging.getLogger(name).setLevel(logging.WARNING)
   import jax
-  from vlm.models.blip2 import Blip2Stage1
-  from vlm.tasks import blip2_stage1
+  import vlm
+  from vlm.tasks import get_task
   from vlm.train import checkpoint
   config = FLAGS.config
+  task = get_task(config.task)
   if FLAGS.splits:
+    if "splits" not in config.eval:
+      raise app.UsageError(f"--splits applies to retrieval tasks; {config.task} has none")
     with config.unlocked():
       config.eval.splits = list(FLAGS.splits)
-  if FLAGS.hf_checkpoint:
-    from vlm.convert import hf_blip2
-    model_config, params = hf_blip2.load_hf_blip2(FLAGS.hf_checkpoint)
-    model = Blip2Stage1(config=model_config, dtype=blip2_stage1.dtype_of(config.model.dtype))
+  if FLAGS.hf_checkpoint:  # either family: vlm.load_pretrained reads the directory's model_type
+    import jax.numpy as jnp
+    with config.unlocked():
+      config.init.hf_checkpoint = FLAGS.hf_checkpoint
+    kw = {"dtype": {"float32": jnp.float32, "bfloat16": jnp.bfloat16,
+                    "float16": jnp.float16}[config.model.dtype]}
+    if "scan_layers" in config.model:
+      kw["scan_layers"] = bool(config.model.scan_layers)
+    model, params, _ = vlm.load_pretrained(FLAGS.hf_checkpoint, **kw)
     step = 0
   elif FLAGS.workdir:
-    model = blip2_stage1.build_model(config)
+    model = task.build_model(config)
     step, params = checkpoint.restore_params(FLAGS.workdir, FLAGS.step)
   else:
     raise app.UsageError("give --workdir (a training run) or --hf_checkpoint (an HF directory)")
   params = jax.device_put(params)
   results = {name: fn(model, params, step, writer=None)
-             for name, fn in blip2_stage1.evaluators(config).items()}
+             for name, fn in task.evaluators(config).items()}
   output = FLAGS.output or (os.path.join(FLAGS.workdir, "eval_results.json") if FLAGS.workdir
                             else "eval_results.json")
   with open(output, "w") as f:
