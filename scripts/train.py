@@ -3,7 +3,9 @@ r"""Train a vlm model from an ml_collections config.
   python scripts/train.py --config configs/blip2/stage1.py:tiny --workdir runs/blip2_tiny \
       [--config.total_steps=100 ...]
 
-Rerunning with the same --workdir resumes from its latest checkpoint. On a multi-host TPU pod run
+Rerunning with the same --workdir resumes from its latest checkpoint. Bad data, a checkpoint that
+does not fit the config, a full disk or a NaN loss end the run with one ``error: ...`` line that
+names the record, key or file and the fix (``VLM_TRACEBACK=1`` shows the traceback). On a multi-host TPU pod run
 the same command on every host; jax.distributed is initialised when --multihost is set (or the
 TPU environment provides it).
 """
@@ -37,8 +39,16 @@ def main(argv):
   if FLAGS.compilation_cache:
     jax.config.update("jax_compilation_cache_dir", os.path.expanduser(FLAGS.compilation_cache))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 5.0)
-  from vlm.train import loop
-  results = loop.run(FLAGS.config, FLAGS.workdir)
+  from vlm.data.image import BadSampleError
+  from vlm.train import checkpoint, loop
+  try:
+    results = loop.run(FLAGS.config, FLAGS.workdir)
+  except (BadSampleError, checkpoint.CheckpointMismatchError, checkpoint.CheckpointSaveError,
+          loop.NonFiniteLossError, FileNotFoundError, ValueError) as e:
+    # errors that name the record / file / key and the fix: one line, no library traceback
+    if os.environ.get("VLM_TRACEBACK"):
+      raise
+    sys.exit(f"error: {type(e).__name__}: {e}\n(set VLM_TRACEBACK=1 to see the traceback)")
   logging.info("finished at step %d", results["step"])
   if results["stopped_by"] and results["state"] is None:
     # Preempted during startup or the first compile: the compile thread is abandoned, and letting

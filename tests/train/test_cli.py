@@ -49,3 +49,25 @@ def test_scripts_exit_with_one_line(script, tmp_path):
   lines = out.stderr.strip().splitlines()
   assert lines[-1].startswith("error: unknown config key 'optim.learning_rate'"), out.stderr
   assert "Traceback" not in out.stderr
+
+
+def test_train_script_reports_bad_data_in_one_line(tmp_path):
+  """An error that names the file (here: a missing conversation file) ends the run with one
+  ``error:`` line and exit code 1, no library traceback; VLM_TRACEBACK=1 shows it."""
+  cfg = tmp_path / "my_sft.py"
+  missing = tmp_path / "missing.json"
+  cfg.write_text("from vlm.tasks.qwen_vl import qwen_vl_config\n\n\n"
+                 "def get_config(arg=None):\n"
+                 "  c = qwen_vl_config('sft', arg)\n"
+                 f"  c.data.sources = [{{'type': 'conversations', 'path': {str(missing)!r}}}]\n"
+                 "  return c\n")
+  cmd = [sys.executable, os.path.join(ROOT, "scripts", "train.py"), f"--config={cfg}:tiny",
+         f"--workdir={tmp_path / 'run'}"]
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")  # one device, as a user runs it
+  env.pop("VLM_TRACEBACK", None)
+  out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300, env=env)
+  assert out.returncode == 1, out.stderr[-2000:]
+  assert "Traceback" not in out.stderr, out.stderr[-2000:]
+  lines = out.stderr.strip().splitlines()
+  assert lines[-2].startswith("error: FileNotFoundError: conversation file not found"), lines[-3:]
+  assert str(missing) in lines[-2]

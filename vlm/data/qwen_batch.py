@@ -450,8 +450,9 @@ def validate_samples(samples: Sequence[conv.Sample], problems: Sequence[conv.Pro
   for sample, res in zip(samples, results):
     if isinstance(res, tuple):
       if on_bad_sample == "raise":
-        raise image_lib.BadSampleError(f"bad sample {sample.where}: {res[1]}. Fix the data or "
-                                       "set data_cfg.on_bad_sample='skip'.", res[0])
+        detail = res[1] if res[1].startswith(sample.where) else f"{sample.where}: {res[1]}"
+        raise image_lib.BadSampleError(f"bad sample {detail}. Fix the data or skip and count "
+                                       "such samples (--config.data.on_bad_sample=skip).", res[0])
       reasons[res[0]] += 1
       if len(examples) < _MAX_REPORTED:
         examples.append((sample.where, res[0], res[1]))

@@ -51,9 +51,9 @@ def _read_json(path: str) -> Any:
       hint = " (it starts with a UTF-16 byte-order mark: the file is UTF-16)"
     raise ValueError(
         f"annotation file {path} is not UTF-8 text{hint}: byte offset {offset} (line {line}) "
-        f"holds {raw[offset:offset + 4]!r} ({e.reason}). COCO annotation files are UTF-8 JSON: "
+        f"holds {raw[offset:offset + 4]!r} ({e.reason}). Data files are read as UTF-8 JSON: "
         f"re-encode it as UTF-8 (e.g. `iconv -f <its encoding, e.g. latin1> -t utf-8 {path} > "
-        "fixed.json`) and point data_cfg at the result.") from None
+        "fixed.json`) and point the config's data source at the result.") from None
   try:
     return json.loads(text)
   except json.JSONDecodeError as e:
