@@ -59,7 +59,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from bench_common import cpu_model, timeit as _timeit, timeit_interleaved as _interleaved  # noqa: E402
+from bench_common import cpu_model, xla_flops  # noqa: E402
+from bench_common import timeit as _timeit, timeit_interleaved as _interleaved  # noqa: E402
 
 # Pause before each timed call (see bench_common.timeit_interleaved).
 SETTLE_S = 0.3
@@ -95,19 +96,6 @@ def parse_args(argv=None):
   if args.iters < 1:
     p.error("--iters must be >= 1")
   return args
-
-
-def xla_flops(compiled) -> float | None:
-  """'flops' of ``compiled.cost_analysis()`` (a dict, or a list of dicts in some versions)."""
-  try:
-    cost = compiled.cost_analysis()
-  except Exception:  # noqa: BLE001 - some backends do not implement it
-    return None
-  if isinstance(cost, (list, tuple)):
-    cost = cost[0] if cost else None
-  if not cost or "flops" not in cost:
-    return None
-  return float(cost["flops"])
 
 
 def main(argv=None):

@@ -5,8 +5,8 @@ supplies the model, batches and their logical axes, data, initial weights, loss,
 what to log. The loop does the rest: mesh, sharded state, the jitted step (with gradient
 accumulation over ``config.microbatches``), checkpoints, metrics, preemption.
 
-Order of restoration: the workdir's own latest checkpoint > the task's ``init_params`` (HF
-directory, BERT, ...) followed by ``config.init.workdir`` (an earlier stage's workdir: the
+Order of restoration: the workdir's own latest checkpoint > the task's ``init_params``
+(pretrained weights the task knows how to read) followed by ``config.init.workdir`` (an earlier stage's workdir: the
 parameters whose path and shape match) > scratch.
 """
 from __future__ import annotations
@@ -133,7 +133,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | No
 
   Before anything compiles: the config, mesh, batch size and the task's batch axes are checked,
   the training data are validated (bad records are counted skips), the task's ``validate`` hook
-  runs (BLIP-2: the held-out evaluation images; a bad one is an error now, not after training),
+  runs (e.g. checking held-out evaluation data: a bad record is an error now, not after training),
   and a checkpoint is restored (damaged ones are
   moved to ``workdir/checkpoints_damaged``; a config whose state does not fit the checkpoint is
   refused; other config changes are listed in a warning). SIGTERM is watched from the start:
@@ -142,7 +142,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | No
 
   Args:
     config: names its task (``config.task``, see :mod:`vlm.tasks` for the fields the loop
-      reads); e.g. ``configs/blip2/stage1.py``.
+      reads); the files under ``configs/`` build them.
     workdir: checkpoints, TensorBoard events, ``metrics.jsonl`` and ``eval_results.json``.
     stop_after: behave as if preempted once this many steps have run in total (tests of
       preemption and exact resume).
@@ -151,7 +151,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | No
   Raises:
     ValueError: invalid config, unknown task, mesh, batch size or batch axes (before anything
       compiles).
-    vlm.data.image.BadSampleError: (BLIP-2) a bad held-out evaluation image, before compiling.
+    vlm.data.image.BadSampleError: a bad record found by the task's checks, before compiling.
     ckpt.CheckpointMismatchError: the workdir's checkpoint does not fit this config.
     ckpt.CheckpointSaveError: a checkpoint could not be written (disk full...); the last good
       checkpoint is kept and named.
