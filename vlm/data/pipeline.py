@@ -248,6 +248,24 @@ class Blip2TrainLoader(grain.DataLoader):
     return self.stats.as_dict()
 
 
+def check_loader_args(global_batch_size: int, seed: Any, process_index: int,
+                      process_count: int) -> None:
+  """The checks every training loader makes on its sharding arguments.
+
+  Raises:
+    ValueError: a process index outside ``[0, process_count)``, a global batch that is not a
+      positive multiple of the process count, or a seed that is not an int in ``[0, 2**32)``.
+  """
+  if process_count < 1 or not 0 <= process_index < process_count:
+    raise ValueError(f"need 0 <= process_index < process_count, got process_index="
+                     f"{process_index}, process_count={process_count}")
+  if global_batch_size < 1 or global_batch_size % process_count:
+    raise ValueError(f"global_batch_size={global_batch_size} must be a positive multiple of the "
+                     f"process count {process_count} (each process loads an equal share)")
+  if not isinstance(seed, (int, np.integer)) or not 0 <= int(seed) < 2**32:
+    raise ValueError(f"seed must be an int in [0, 2**32), got {seed!r}")
+
+
 def build_blip2_train_loader(
     data_cfg: Any,
     *,
@@ -286,14 +304,7 @@ def build_blip2_train_loader(
     import jax  # pylint: disable=g-import-not-at-top
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
-  if process_count < 1 or not 0 <= process_index < process_count:
-    raise ValueError(f"need 0 <= process_index < process_count, got process_index="
-                     f"{process_index}, process_count={process_count}")
-  if global_batch_size < 1 or global_batch_size % process_count:
-    raise ValueError(f"global_batch_size={global_batch_size} must be a positive multiple of the "
-                     f"process count {process_count} (each process loads an equal share)")
-  if not isinstance(seed, (int, np.integer)) or not 0 <= int(seed) < 2**32:
-    raise ValueError(f"seed must be an int in [0, 2**32), got {seed!r}")
+  check_loader_args(global_batch_size, seed, process_index, process_count)
   seed = int(seed)
   per_process = global_batch_size // process_count
   on_bad_sample = _get(data_cfg, "on_bad_sample", "skip")

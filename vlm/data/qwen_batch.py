@@ -47,6 +47,7 @@ import numpy as np
 from vlm.data import conversations as conv
 from vlm.data import image as image_lib
 from vlm.data import packing
+from vlm.data.pipeline import check_loader_args
 from vlm.data import qwen_processor as qp
 from vlm.models import rope_index
 
@@ -694,14 +695,7 @@ def build_qwen_train_loader(data_cfg: Any, model_config, *, global_batch_size: i
       processes, or no usable sample.
     vlm.data.image.BadSampleError: the first bad sample with ``on_bad_sample="raise"``.
   """
-  if process_count < 1 or not 0 <= process_index < process_count:
-    raise ValueError(f"need 0 <= process_index < process_count, got {process_index}, "
-                     f"{process_count}")
-  if global_batch_size < 1 or global_batch_size % process_count:
-    raise ValueError(f"global_batch_size={global_batch_size} must be a positive multiple of the "
-                     f"process count {process_count}")
-  if not isinstance(seed, (int, np.integer)) or not 0 <= int(seed) < 2**32:
-    raise ValueError(f"seed must be an int in [0, 2**32), got {seed!r}")
+  check_loader_args(global_batch_size, seed, process_index, process_count)
   max_length = int(_get(data_cfg, "max_length", 2048))
   max_patches = int(_get(data_cfg, "max_patches", 4096))
   unit = model_config.vision.spatial_merge_size ** 2
