@@ -61,14 +61,8 @@ def convert(src: str, dst: str, max_shard_size: str | None = None) -> int:
     from vlm.convert.hf_blip2 import save_hf_blip2 as save
   save(model.config, params, dst, max_shard_size)
   _, params2, _ = vlm.load_pretrained(dst)
-  flat1 = dict(jax.tree_util.tree_flatten_with_path(params)[0])
-  flat2 = dict(jax.tree_util.tree_flatten_with_path(params2)[0])
-  if set(flat1) != set(flat2):
-    raise ValueError(f"round trip changed the parameter set: {set(flat1) ^ set(flat2)}")
-  for k, v in flat1.items():
-    if not np.array_equal(np.asarray(v), np.asarray(flat2[k])):
-      raise ValueError(f"round trip changed {jax.tree_util.keystr(k)}")
-  return sum(int(np.size(v)) for v in flat1.values())
+  _check_identical(params, params2, "round trip")
+  return sum(int(np.size(v)) for v in jax.tree_util.tree_leaves(params))
 
 
 def _check_identical(params, params2, what: str) -> None:
