@@ -22,7 +22,7 @@ from vlm.models import presets, qwen3, qwen_vit
 from vlm.models.blip2 import Blip2Stage1
 from vlm.models.qwen3_vl import Qwen2_5_VLConfig, Qwen3VL, init_params, visual_token_index
 from vlm.models.qwen_presets import qwen_config
-from vlm.nn import layers, moe
+from vlm.nn import attention, layers, moe
 from vlm.nn.attention import dot_product_attention
 
 F16_MAX = float(jnp.finfo(jnp.float16).max)  # 65504
@@ -88,12 +88,12 @@ def test_cached_attention_scores_beyond_float16_range():
   k_cache = _f16_round(rng.standard_normal((b, kvh, t, hd)) * 150)
   v_cache = _f16_round(rng.standard_normal((b, kvh, t, hd)))
   assert np.abs(np.einsum("blhd,bgtd->bhlt", q, k_cache)).max() > 2 * F16_MAX
-  mask_cache, mask_new = qwen3._build_cache_masks(jnp.ones((b, l), bool), jnp.ones((b, t), bool),
+  mask_cache, mask_new = attention.cache_masks(jnp.ones((b, l), bool), jnp.ones((b, t), bool),
                                                   jnp.asarray(t, jnp.int32))
   args = (q, k_new, v_new, k_cache, v_cache)
-  want = qwen3.cached_attention(*map(jnp.asarray, args), mask_cache, mask_new, hd ** -0.5,
+  want = attention.cached_attention(*map(jnp.asarray, args), mask_cache, mask_new, hd ** -0.5,
                                 jnp.float32)
-  got = qwen3.cached_attention(*(jnp.asarray(a, jnp.float16) for a in args), mask_cache,
+  got = attention.cached_attention(*(jnp.asarray(a, jnp.float16) for a in args), mask_cache,
                                mask_new, hd ** -0.5, jnp.float16)
   assert got.dtype == jnp.float16
   _close(got, want)

@@ -34,7 +34,7 @@ returns the final normed hidden states so a loss can take the logits in chunks
 
 float16 (``dtype=jnp.float16``; decision per path, see ``vlm.nn.layers``): computed safely, not
 refused. Attention scores are float32 in both the uncached (``vlm.nn.attention``) and the cached
-path (:func:`cached_attention`), and both value products accumulate in float32. The residual
+path (:func:`vlm.nn.attention.cached_attention`), and both value products accumulate in float32. The residual
 stream ``h`` is float32 (:func:`vlm.nn.layers.residual_dtype`); ``o_proj`` and the MLP
 ``down_proj`` return float32 into it (``Dense(wide_float16=True)``), the SwiGLU gate/up products
 and ``act(gate) * up`` are float32 and the down product's input rows are pre-scaled into float16
@@ -61,7 +61,8 @@ from vlm.nn import layers
 from vlm.nn import moe
 from vlm.nn import partitioning as P
 from vlm.nn import rope
-from vlm.nn.attention import IMPLEMENTATIONS, attention, dot_product_attention
+from vlm.nn.attention import (IMPLEMENTATIONS, attention, cache_masks, cached_attention,
+                              causal_padding_mask, dot_product_attention)
 
 Dtype = Any
 
@@ -240,86 +241,6 @@ def _attention_segments(attention_mask, segment_ids):
   return jnp.where(attention_mask, seg, 0).astype(jnp.int32)
 
 
-def _build_mask(attention_mask, batch: int, length: int, segment_ids=None):
-  """Boolean attention mask [B, 1, L, L] (True = attend) without a cache.
-
-  Causal AND key validity (``attention_mask`` [B, L], True = real token) AND, with
-  ``segment_ids`` int [B, L], equal segment ids (packed rows: each sample attends only to its own
-  earlier tokens; padding, id 0, attends only to earlier padding, so no row is empty and nothing
-  is NaN).
-  """
-  pos = jnp.arange(length)
-  causal = pos[None, :] <= pos[:, None]
-  mask = causal[None, None] & attention_mask[:, None, None, :]
-  if segment_ids is not None:
-    mask = mask & (segment_ids[:, None, :, None] == segment_ids[:, None, None, :])
-  return mask
-
-
-def _build_cache_masks(attention_mask, cache_mask, cache_index):
-  """Masks of cached attention (see :func:`cached_attention`).
-
-  Args:
-    attention_mask: bool [B, L], real new tokens.
-    cache_mask: bool [B, T], slots that held real tokens *before* this call.
-    cache_index: int32 scalar, slot of the first new token; slots ``>= cache_index`` of the old
-      cache are stale and never attended.
-  Returns:
-    ``(mask_cache bool [B, 1, 1, T], mask_new bool [B, 1, L, L])``: old slots every new token may
-    read, and causal attention among the new tokens.
-  """
-  length = attention_mask.shape[1]
-  slots = jnp.arange(cache_mask.shape[1])
-  mask_cache = (cache_mask & (slots[None, :] < cache_index))[:, None, None, :]
-  return mask_cache, _build_mask(attention_mask, attention_mask.shape[0], length)
-
-
-def cached_attention(q, k_new, v_new, k_cache, v_cache, mask_cache, mask_new, scale: float,
-                     dtype: Dtype = jnp.float32):
-  """Attention of ``L`` new tokens over an old KV cache plus themselves, without copying the cache.
-
-  The scores against the cache and against the new keys are computed separately, joined on the key
-  axis for one float32 softmax, and the two value sums added: the result equals attention over
-  the cache with the new keys written at their slots (HF ``DynamicCache.update`` + ``sdpa``), but
-  the cache is only read (no ``dynamic_update_slice`` copy, no GQA ``repeat`` of the cache: query
-  heads are grouped as ``[kvH, rep]``, head ``j`` reads KV head ``j // rep`` as HF ``repeat_kv``).
-
-  Args:
-    q: [B, L, H, hd] (post-RoPE). k_new, v_new: [B, L, kvH, hd].
-    k_cache, v_cache: [B, kvH, T, hd] (any dtype; cast to ``dtype``). Heads before slots, as
-      HF's cache, so both products batch over (B, kvH) with the cache in its stored layout.
-    mask_cache: bool [B, 1, 1 or L, T]; mask_new: bool [B, 1, L, L] (see
-      :func:`_build_cache_masks`). A query with no valid key gets a uniform average (finite).
-    scale: score scale (``head_dim ** -0.5``).
-  Scores and both value products accumulate in float32 (finite in float16 for scores beyond
-  65,504); the probabilities are cast to ``dtype`` for the value products.
-  Returns:
-    [B, L, H, hd] in ``dtype``.
-  """
-  b, l, h, hd = q.shape
-  kvh = k_new.shape[2]
-  q = jnp.asarray(q, dtype).reshape(b, l, kvh, h // kvh, hd)
-  neg = jnp.finfo(jnp.float32).min
-  s_new = jnp.einsum("blgrd,bmgd->bgrlm", q, jnp.asarray(k_new, dtype),
-                     preferred_element_type=jnp.float32)
-  s_new = jnp.where(mask_new[:, :, None], s_new * scale, neg)
-  if mask_cache is None:  # empty cache (prefill): attention among the new tokens only
-    p = jax.nn.softmax(s_new, axis=-1).astype(dtype)
-    o = jnp.einsum("bgrlm,bmgd->blgrd", p, jnp.asarray(v_new, dtype),
-                   preferred_element_type=jnp.float32)
-    return jnp.asarray(o, dtype).reshape(b, l, h, hd)
-  s_cache = jnp.einsum("blgrd,bgtd->bgrlt", q, jnp.asarray(k_cache, dtype),
-                       preferred_element_type=jnp.float32)
-  s_cache = jnp.where(mask_cache[:, :, None], s_cache * scale, neg)
-  t = s_cache.shape[-1]
-  p = jax.nn.softmax(jnp.concatenate([s_cache, s_new], axis=-1), axis=-1).astype(dtype)
-  o = (jnp.einsum("bgrlt,bgtd->blgrd", p[..., :t], jnp.asarray(v_cache, dtype),
-                  preferred_element_type=jnp.float32)
-       + jnp.einsum("bgrlm,bmgd->blgrd", p[..., t:], jnp.asarray(v_new, dtype),
-                    preferred_element_type=jnp.float32))
-  return jnp.asarray(o, dtype).reshape(b, l, h, hd)
-
-
 # ------------------------------------------------------------------------------------------------
 # Blocks.
 
@@ -333,7 +254,7 @@ class Qwen3Attention(nn.Module):
     mask: without cache, bool broadcastable to [B, 1, L, L]; with a cache, the pair
       ``(mask_cache [B, 1, 1, T], mask_new [B, 1, L, L])`` of :func:`_build_cache_masks`.
     cache: None or ``(k, v)`` each [B, kvH, T, hd], this layer's cache *before* the call
-      (post-RoPE keys, HF cache semantics). It is only read (:func:`cached_attention`).
+      (post-RoPE keys, HF cache semantics). It is only read (:func:`vlm.nn.attention.cached_attention`).
     cache_index: unused here (the masks encode it); kept for the scan signature.
     deterministic: disables attention dropout (``config.attention_dropout``, rng "dropout");
       the cached path is for inference and never drops.
@@ -705,9 +626,9 @@ class Qwen3Model(nn.Module):
       if isinstance(cache_index, int) and cache_index == 0:
         # a static 0 means an empty cache (prefill): skip the T empty slots entirely (masking
         # them would also hand XLA a constant all-False mask to fold at compile time)
-        mask = (None, _build_mask(attention_mask, batch, length, segment_ids))
+        mask = (None, causal_padding_mask(attention_mask, batch, length, segment_ids))
       else:
-        mask = _build_cache_masks(attention_mask, kv_cache["mask"], cache_index)
+        mask = cache_masks(attention_mask, kv_cache["mask"], cache_index)
       cache_index = jnp.asarray(cache_index, jnp.int32)
       new_cache_mask = jax.lax.dynamic_update_slice(kv_cache["mask"], attention_mask,
                                                     (0, cache_index))
@@ -716,7 +637,7 @@ class Qwen3Model(nn.Module):
       # blockwise / kernel attention takes the segment ids, never a dense [B, 1, L, L] mask
       mask = _attention_segments(attention_mask, segment_ids)
     else:
-      mask = _build_mask(attention_mask, batch, length, segment_ids)
+      mask = causal_padding_mask(attention_mask, batch, length, segment_ids)
 
     h = jnp.asarray(inputs_embeds, layers.residual_dtype(self.dtype))  # float32 for float16
     h = P.constrain(h, (P.BATCH, P.LENGTH, P.EMBED))

@@ -565,3 +565,106 @@ def _cudnn_attention(query, key, value, segment_ids, kv_segment_ids, causal, sca
   args = _cudnn_arguments(query.astype(cdtype), key.astype(cdtype), value.astype(cdtype),
                           segment_ids, kv_segment_ids, causal, scale)
   return jax.nn.dot_product_attention(**args, implementation="cudnn").astype(dtype)
+
+
+# --------------------------------------------------------------------------------------------------
+# Attention over a fixed-size KV cache (autoregressive decoding), shared by every decoder.
+# --------------------------------------------------------------------------------------------------
+
+
+def causal_padding_mask(attention_mask, batch: int, length: int, segment_ids=None):
+  """Boolean attention mask [B, 1, L, L] (True = attend) without a cache.
+
+  Causal AND key validity (``attention_mask`` [B, L], True = real token) AND, with
+  ``segment_ids`` int [B, L], equal segment ids (packed rows: each sample attends only to its own
+  earlier tokens; padding, id 0, attends only to earlier padding, so no row is empty and nothing
+  is NaN).
+  """
+  pos = jnp.arange(length)
+  causal = pos[None, :] <= pos[:, None]
+  mask = causal[None, None] & attention_mask[:, None, None, :]
+  if segment_ids is not None:
+    mask = mask & (segment_ids[:, None, :, None] == segment_ids[:, None, None, :])
+  return mask
+
+
+def cache_masks(attention_mask, cache_mask, cache_index):
+  """Masks of cached attention (see :func:`cached_attention`).
+
+  Args:
+    attention_mask: bool [B, L], real new tokens.
+    cache_mask: bool [B, T], slots that held real tokens *before* this call.
+    cache_index: int32 scalar, slot of the first new token; slots ``>= cache_index`` of the old
+      cache are stale and never attended.
+  Returns:
+    ``(mask_cache bool [B, 1, 1, T], mask_new bool [B, 1, L, L])``: old slots every new token may
+    read, and causal attention among the new tokens.
+  """
+  length = attention_mask.shape[1]
+  slots = jnp.arange(cache_mask.shape[1])
+  mask_cache = (cache_mask & (slots[None, :] < cache_index))[:, None, None, :]
+  return mask_cache, causal_padding_mask(attention_mask, attention_mask.shape[0], length)
+
+
+def cached_attention(q, k_new, v_new, k_cache, v_cache, mask_cache, mask_new, scale: float,
+                     dtype: Any = jnp.float32, bias_cache=None, bias_new=None):
+  """Attention of ``L`` new tokens over an old KV cache plus themselves, without copying the cache.
+
+  The scores against the cache and against the new keys are computed separately, joined on the key
+  axis for one float32 softmax, and the two value sums added: the result equals attention over
+  the cache with the new keys written at their slots (HF ``DynamicCache.update`` + ``sdpa``), but
+  the cache is only read (no ``dynamic_update_slice`` copy, no GQA ``repeat`` of the cache: query
+  heads are grouped as ``[kvH, rep]``, head ``j`` reads KV head ``j // rep`` as HF ``repeat_kv``).
+
+  Args:
+    q: [B, L, H, hd] (post-RoPE). k_new, v_new: [B, L, kvH, hd].
+    k_cache, v_cache: [B, kvH, T, hd] (any dtype; cast to ``dtype``). Heads before slots, as
+      HF's cache, so both products batch over (B, kvH) with the cache in its stored layout.
+    mask_cache: bool [B, 1, 1 or L, T]; mask_new: bool [B, 1, L, L] (see
+      :func:`cache_masks`). A query with no valid key gets a uniform average (finite).
+    scale: score scale (``head_dim ** -0.5``; T5 uses 1.0).
+    bias_cache, bias_new: optional float additive score biases (T5's relative position bias),
+      broadcastable to [B, H, L, T] and [B, H, L, L]; added after scaling, before masking.
+  Scores and both value products accumulate in float32 (finite in float16 for scores beyond
+  65,504); the probabilities are cast to ``dtype`` for the value products.
+  Returns:
+    [B, L, H, hd] in ``dtype``.
+  """
+  b, l, h, hd = q.shape
+  kvh = k_new.shape[2]
+  q = jnp.asarray(q, dtype).reshape(b, l, kvh, h // kvh, hd)
+  neg = jnp.finfo(jnp.float32).min
+  s_new = jnp.einsum("blgrd,bmgd->bgrlm", q, jnp.asarray(k_new, dtype),
+                     preferred_element_type=jnp.float32)
+  s_new = s_new * scale
+  if bias_new is not None:
+    s_new = s_new + _group_heads(bias_new, kvh)
+  s_new = jnp.where(mask_new[:, :, None], s_new, neg)
+  if mask_cache is None:  # empty cache (prefill): attention among the new tokens only
+    p = jax.nn.softmax(s_new, axis=-1).astype(dtype)
+    o = jnp.einsum("bgrlm,bmgd->blgrd", p, jnp.asarray(v_new, dtype),
+                   preferred_element_type=jnp.float32)
+    return jnp.asarray(o, dtype).reshape(b, l, h, hd)
+  s_cache = jnp.einsum("blgrd,bgtd->bgrlt", q, jnp.asarray(k_cache, dtype),
+                       preferred_element_type=jnp.float32)
+  s_cache = s_cache * scale
+  if bias_cache is not None:
+    s_cache = s_cache + _group_heads(bias_cache, kvh)
+  s_cache = jnp.where(mask_cache[:, :, None], s_cache, neg)
+  t = s_cache.shape[-1]
+  p = jax.nn.softmax(jnp.concatenate([s_cache, s_new], axis=-1), axis=-1).astype(dtype)
+  o = (jnp.einsum("bgrlt,bgtd->blgrd", p[..., :t], jnp.asarray(v_cache, dtype),
+                  preferred_element_type=jnp.float32)
+       + jnp.einsum("bgrlm,bmgd->blgrd", p[..., t:], jnp.asarray(v_new, dtype),
+                    preferred_element_type=jnp.float32))
+  return jnp.asarray(o, dtype).reshape(b, l, h, hd)
+
+
+
+
+def _group_heads(bias, kv_heads: int):
+  """[B or 1, H or 1, L, K] -> [B or 1, kvH, H/kvH or 1, L, K] (the grouped layout of the scores)."""
+  bias = jnp.asarray(bias, jnp.float32)
+  if bias.shape[1] == 1:
+    return bias[:, :, None]
+  return bias.reshape(bias.shape[0], kv_heads, bias.shape[1] // kv_heads, *bias.shape[2:])
