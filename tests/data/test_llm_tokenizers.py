@@ -36,10 +36,8 @@ def _texts():
   for split in ("train", "val"):
     with open(os.path.join(REPO_ROOT, "data/coco", f"captions_{split}2017.json")) as f:
       texts += [a["caption"] for a in json.load(f)["annotations"]]
-  vqa = os.path.join(REPO_ROOT, "data/vqa/okvqa_on_coco_real_captions.json")
-  if not os.path.exists(vqa):
-    vqa = _need(os.path.join(SHARED, "vqa/okvqa_on_coco_real_captions.json"))
-  with open(vqa) as f:
+  # data/vqa holds the same file as shared/data/vqa (copied into the repository).
+  with open(os.path.join(REPO_ROOT, "data/vqa/okvqa_on_coco_real_captions.json")) as f:
     questions = [q["question"] for q in json.load(f)["questions"]]
   assert len(texts) == 1322 and len(questions) == 47
   texts.append("a photo of")
@@ -220,6 +218,8 @@ def test_errors(opt, t5):
     t5.decode(np.array([-1, 3]))
   with pytest.raises(ValueError, match="not an integer"):
     t5.decode([1.5])
+  with pytest.raises(ValueError, match=r"1-D id sequence, got shape \(1, 2\)"):
+    t5.decode(np.array([[3, 4]]))
   with pytest.raises(ValueError, match="unknown LLM tokenizer kind 'llama'"):
     llm_tokenizer("llama")
   with pytest.raises(FileNotFoundError, match="no OPT tokenizer"):

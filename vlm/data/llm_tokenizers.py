@@ -190,9 +190,14 @@ class LLMTokenizer:
   # -- decoding --------------------------------------------------------------------------------
 
   def _check_ids(self, ids: Iterable[int], where: str) -> list[int]:
+    if not isinstance(ids, (list, tuple)):
+      arr = np.asarray(ids)
+      if arr.ndim != 1:
+        raise ValueError(f"{where} must be one 1-D id sequence, got shape {arr.shape}; use "
+                         "batch_decode for a batch")
+      ids = arr.tolist()
     out = []
-    for j, i in enumerate(np.asarray(ids).reshape(-1).tolist() if not isinstance(ids, list)
-                          else ids):
+    for j, i in enumerate(ids):
       if isinstance(i, bool) or not isinstance(i, (int, np.integer)):
         raise ValueError(f"{where}[{j}] = {i!r} is not an integer token id")
       if not 0 <= int(i) < self.vocab_size:
