@@ -35,6 +35,7 @@ setup(
             "tensorboard",  # reads the event files back in the resume tests
             "torch==2.13.0",
             "transformers==4.57.1",
+            "sentencepiece",  # the slow HF T5Tokenizer reference of the T5 tokenizer tests
         ],
         "tpu": ["jax[tpu]"],
         "gpu": ["jax[cuda12]"],

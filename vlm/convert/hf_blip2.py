@@ -19,6 +19,7 @@ drops them.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from typing import Any, Mapping, Sequence
@@ -409,6 +410,9 @@ def _bert_get(state: Mapping[str, np.ndarray], key: str):
 def init_qformer_from_bert(params: Mapping[str, Any], config: Blip2Config, bert_dir: str) -> dict:
   """Initialises the Q-Former of ``Blip2Stage1`` params from an HF BERT (LAVIS ``init_Qformer``).
 
+  With ``config.qformer.use_qformer_text_input=False`` (the stage-2 Q-Former) only the embedding
+  LayerNorm and the layers are written (that tree has no text embeddings, text FFN or ITG head).
+
   Spec section 2.7. From the BERT checkpoint (keys with or without the ``bert.`` prefix; LayerNorm
   ``weight/bias`` or ``gamma/beta``):
     * ``embeddings/word_embeddings``: BERT rows copied; extra rows of our larger vocabulary (the
@@ -467,11 +471,13 @@ def init_qformer_from_bert(params: Mapping[str, Any], config: Blip2Config, bert_
     extra = np.broadcast_to(x.mean(axis=0, keepdims=True), (rows - x.shape[0],) + x.shape[1:])
     return np.concatenate([x, extra.astype(x.dtype)], axis=0)
 
-  word = need("embeddings.word_embeddings.weight")
+  # A stage-2 Q-Former (no text input) has no text embeddings and no ITG head.
+  text_input = q.use_qformer_text_input
+  word = need("embeddings.word_embeddings.weight") if text_input else None
   if word is not None:
     new[("embeddings", "word_embeddings", "embedding")] = resized_rows(word, q.vocab_size,
                                                                        "vocabulary")
-  pos = need("embeddings.position_embeddings.weight")
+  pos = need("embeddings.position_embeddings.weight") if text_input else None
   if pos is not None:
     if pos.shape[0] < q.max_position_embeddings:
       raise ValueError(f"BERT has {pos.shape[0]} positions but the Q-Former needs "
@@ -505,7 +511,7 @@ def init_qformer_from_bert(params: Mapping[str, Any], config: Blip2Config, bert_
   if absent:
     raise ValueError(f"BERT checkpoint {bert_dir} lacks keys (with or without 'bert.'): "
                      f"{_format_keys(absent)}")
-  if _bert_get(state, "cls.predictions.transform.dense.weight") is not None:
+  if text_input and _bert_get(state, "cls.predictions.transform.dense.weight") is not None:
     head = ("cls", "predictions")
     linear("cls.predictions.transform.dense", head + ("transform", "dense"))
     norm("cls.predictions.transform.LayerNorm", head + ("transform", "LayerNorm"))
@@ -540,3 +546,286 @@ def _replace_leaves(params: Mapping[str, Any], new: Mapping[tuple[str, ...], np.
     raise ValueError("cannot apply the BERT weights: " + "; ".join(problems))
   out = flax.traverse_util.unflatten_dict(flat)
   return flax.core.freeze(out) if was_frozen else out
+
+
+# ---------------------------------------------------------------------------------------------
+# Stage 2: HF Blip2ForConditionalGeneration (OPT or FlanT5) <-> vlm Blip2Stage2
+# ---------------------------------------------------------------------------------------------
+
+_STAGE1_HEAD_PREFIXES = ("embeddings.", "vision_projection.", "text_projection.", "itm_head.")
+
+
+def _stage1_like(config) -> Blip2Config:
+  """A :class:`Blip2Config` with the stage-2 model's tower, Q-Former and query count."""
+  return Blip2Config(vision=config.vision, qformer=config.qformer,
+                     num_query_tokens=config.num_query_tokens)
+
+
+def stage2_qformer_entries(config) -> list[_Entry]:
+  """(hf key, flax path, op, hf shape) of the query tokens, Q-Former (no text FFN, no text
+  embeddings) and ``language_projection`` of ``Blip2ForConditionalGeneration``."""
+  out = [e for e in qformer_entries(_stage1_like(config))
+         if not e[0].startswith(_STAGE1_HEAD_PREFIXES)]
+  return out + _linear("language_projection", ("language_projection",),
+                       config.qformer.hidden_size, config.llm_hidden_size)
+
+
+def _llm_config_from_hf(text: Mapping[str, Any]):
+  from vlm.models.opt import OPTConfig
+  from vlm.models.t5 import T5Config
+  model_type = text.get("model_type", "opt")
+  if model_type == "opt":
+    return OPTConfig.from_hf_config(text)
+  if model_type == "t5":
+    return T5Config.from_hf_config(text)
+  raise ValueError(f"text_config.model_type is {model_type!r}; vlm's BLIP-2 stage 2 supports 'opt' "
+                   "and 't5' (FlanT5) language models")
+
+
+def stage2_config_from_hf(hf: Mapping[str, Any]):
+  """HF ``Blip2Config`` dict of a ``Blip2ForConditionalGeneration`` -> ``Blip2Stage2Config``.
+
+  Raises:
+    ValueError: what :func:`blip2_config_from_hf` raises, or an LLM other than OPT / T5.
+  """
+  from vlm.models.presets import Blip2Stage2Config
+  hq = dict(hf.get("qformer_config") or {})
+  hq.setdefault("use_qformer_text_input", False)
+  stage1 = blip2_config_from_hf({**hf, "qformer_config": {**hq, "use_qformer_text_input": False}})
+  return Blip2Stage2Config(vision=stage1.vision, qformer=stage1.qformer,
+                           llm=_llm_config_from_hf(hf.get("text_config") or {}),
+                           num_query_tokens=stage1.num_query_tokens,
+                           image_token_index=hf.get("image_token_index",
+                                                    hf.get("image_token_id")))
+
+
+def stage2_config_to_hf(config) -> dict:
+  """The HF ``config.json`` dict of a ``Blip2ForConditionalGeneration`` with ``config``'s sizes.
+
+  Raises:
+    ValueError: a tower HF cannot express (see :func:`blip2_config_to_hf`).
+  """
+  out = blip2_config_to_hf(_stage1_like(config))
+  out["architectures"] = ["Blip2ForConditionalGeneration"]
+  out["qformer_config"]["use_qformer_text_input"] = False
+  out["text_config"] = config.llm.to_hf_config()
+  out.pop("image_text_hidden_size", None)
+  if config.image_token_index is not None:
+    out["image_token_index"] = int(config.image_token_index)
+  return out
+
+
+def is_conditional_generation(path: str) -> bool:
+  """True when ``path/config.json`` describes ``Blip2ForConditionalGeneration`` (a stage-2 model
+  with its LLM), False for a retrieval (stage-1) checkpoint.
+
+  Raises:
+    FileNotFoundError: no config.json.
+  """
+  with open(_config_file(path)) as fh:
+    hf = json.load(fh)
+  return "Blip2ForConditionalGeneration" in (hf.get("architectures") or [])
+
+
+def _config_file(path: str) -> str:
+  f = os.path.join(path, CONFIG_NAME)
+  if not os.path.exists(f):
+    raise FileNotFoundError(f"no {CONFIG_NAME} in {path}: not an HF model directory")
+  return f
+
+
+def _llm_from_state(state, config, scan_layers: bool, dtype=None) -> dict:
+  from vlm.convert import hf_opt, hf_t5
+  if config.llm_kind == "opt":
+    return hf_opt.opt_params_from_hf_state(
+        state, config.llm, "language_model.model.decoder.", scan_layers=scan_layers,
+        lm_head_key="language_model.lm_head.weight", ignore_other_keys=True, dtype=dtype)
+  return hf_t5.t5_params_from_hf_state(state, config.llm, "language_model.",
+                                       scan_layers=scan_layers, dtype=dtype)
+
+
+def _qformer_from_state(state, config, problems: list) -> dict:
+  entries = stage2_qformer_entries(config)
+  expected = {e[0] for e in entries}
+  ours = {k: v for k, v in state.items() if not k.startswith(("vision_model.", "language_model."))
+          and k not in _IGNORED_HF_KEYS}
+  missing = sorted(expected - set(ours))
+  unknown = sorted(set(ours) - expected)
+  if missing:
+    problems.append(f"missing keys: {_format_keys(missing)}")
+  if unknown:
+    problems.append(f"unknown keys: {_format_keys(unknown)}")
+  flat = {}
+  for hf_key, path, op, shape in entries:
+    if hf_key not in ours:
+      continue
+    x = np.asarray(ours[hf_key])
+    if tuple(x.shape) != shape:
+      problems.append(f"{hf_key} has shape {tuple(x.shape)}, expected {shape}")
+      continue
+    flat[path] = np.ascontiguousarray(x.T) if op == "linear" else x
+  try:
+    flat.update({("vision_model",) + k: v for k, v in _flat(
+        vision_from_hf(state, config.vision, prefix="vision_model.")).items()})
+  except ValueError as err:
+    problems.append(str(err))
+  return flat
+
+
+def load_hf_blip2_stage2(path: str, *, scan_layers: bool = False, dtype=None):
+  """Loads a local HF ``Blip2ForConditionalGeneration`` directory (OPT or FlanT5).
+
+  Args:
+    path: ``config.json`` + ``model.safetensors`` (or an index and shards).
+    scan_layers: the LLM's layers stacked (``Blip2Stage2(scan_layers=True)``).
+    dtype: cast every array (None keeps the stored dtypes).
+  Returns:
+    ``(Blip2Stage2Config, params)``: params a nested dict of numpy arrays.
+  Raises:
+    FileNotFoundError: no config.json / weights. ValueError: not a stage-2 config, an LLM other
+      than OPT/T5, or missing / unknown / wrongly shaped keys (all listed).
+  """
+  with open(_config_file(path)) as fh:
+    config = stage2_config_from_hf(json.load(fh))
+  state = read_safetensors_dir(path)
+  problems: list[str] = []
+  flat = _qformer_from_state(state, config, problems)
+  try:
+    llm = _llm_from_state(state, config, scan_layers)
+  except ValueError as err:
+    problems.append(str(err))
+    llm = {}
+  if problems:
+    raise ValueError(f"cannot convert the HF BLIP-2 checkpoint {path}: " + "; ".join(problems))
+  params = flax.traverse_util.unflatten_dict(flat)
+  params["language_model"] = llm
+  if dtype is not None:
+    params = jax.tree.map(lambda x: np.asarray(x, dtype), params)
+  return config, params
+
+
+def hf_state_from_stage2_params(config, params: Mapping[str, Any], *,
+                                scan_layers: bool = False) -> dict[str, np.ndarray]:
+  """``Blip2Stage2`` params -> HF ``Blip2ForConditionalGeneration`` state dict (numpy).
+
+  Raises:
+    ValueError: missing, unknown or wrongly shaped params (all listed).
+  """
+  from vlm.convert import hf_opt, hf_t5
+  if "params" in params and len(params) == 1:
+    params = params["params"]
+  params = flax.linen.unbox(dict(params))
+  flat = _flat({k: v for k, v in params.items() if k != "language_model"})
+  entries = stage2_qformer_entries(config)
+  expected = {e[1] for e in entries}
+  rest = {p: v for p, v in flat.items() if p[0] != "vision_model"}
+  problems = []
+  missing = sorted("/".join(p) for p in expected - set(rest))
+  unknown = sorted("/".join(p) for p in set(rest) - expected)
+  if missing:
+    problems.append(f"missing params: {_format_keys(missing)}")
+  if unknown:
+    problems.append(f"unknown params: {_format_keys(unknown)}")
+  state: dict[str, np.ndarray] = {}
+  for hf_key, path, op, shape in entries:
+    if path in rest:
+      x = np.asarray(rest[path])
+      state[hf_key] = np.ascontiguousarray(x.T) if op == "linear" else x
+  vision = flax.traverse_util.unflatten_dict({p[1:]: v for p, v in flat.items()
+                                              if p[0] == "vision_model"})
+  try:
+    state.update(vision_to_hf(vision, config.vision, prefix="vision_model."))
+    llm = params.get("language_model", {})
+    if config.llm_kind == "opt":
+      state.update(hf_opt.hf_state_from_opt_params(
+          llm, config.llm, "language_model.model.decoder.",
+          lm_head_key="language_model.lm_head.weight"))
+      if config.llm.tie_word_embeddings:  # HF BLIP-2 checkpoints store the tied head too
+        state["language_model.lm_head.weight"] = state[
+            "language_model.model.decoder.embed_tokens.weight"]
+    else:
+      state.update(hf_t5.hf_state_from_t5_params(llm, config.llm, "language_model.",
+                                                 scan_layers=scan_layers))
+  except ValueError as err:
+    problems.append(str(err))
+  if problems:
+    raise ValueError("cannot convert Blip2Stage2 params to HF: " + "; ".join(problems))
+  return state
+
+
+def save_hf_blip2_stage2(config, params: Mapping[str, Any], path: str, *,
+                         scan_layers: bool = False, max_shard_size: int | str | None = None):
+  """Writes an HF ``Blip2ForConditionalGeneration`` directory (``from_pretrained`` loads it).
+
+  Raises:
+    ValueError: as :func:`stage2_config_to_hf` and :func:`hf_state_from_stage2_params`.
+  """
+  hf_config = stage2_config_to_hf(config)
+  state = hf_state_from_stage2_params(config, params, scan_layers=scan_layers)
+  os.makedirs(path, exist_ok=True)
+  write_safetensors_dir(state, path, max_shard_size)
+  with open(os.path.join(path, CONFIG_NAME), "w") as fh:
+    json.dump(hf_config, fh, indent=2, sort_keys=True)
+
+
+def load_hf_blip2_qformer(path: str, config) -> dict[tuple[str, ...], np.ndarray]:
+  """The vision tower, query tokens and Q-Former of an HF BLIP-2 directory (retrieval or
+  conditional generation) as flat ``{path: array}`` of a ``Blip2Stage2``, for initialising stage
+  2 (plus ``language_projection`` from a stage-2 checkpoint; never the LLM: see
+  :func:`load_hf_language_model` and ``config.init.llm_checkpoint``).
+
+  Raises:
+    ValueError: a checkpoint whose tower, Q-Former or query count differ from ``config`` (listed),
+      or unreadable keys.
+  """
+  with open(_config_file(path)) as fh:
+    hf = json.load(fh)
+  stage2 = "Blip2ForConditionalGeneration" in (hf.get("architectures") or [])
+  other = stage2_config_from_hf(hf) if stage2 else blip2_config_from_hf(hf)
+  q_other = dataclasses.replace(other.qformer, use_qformer_text_input=False)
+  diffs = [f"{name}: {a} (checkpoint) vs {b} (model)" for name, a, b in (
+      ("vision", other.vision, config.vision), ("qformer", q_other, config.qformer),
+      ("num_query_tokens", other.num_query_tokens, config.num_query_tokens)) if a != b]
+  if diffs:
+    raise ValueError(f"the HF BLIP-2 checkpoint {path} does not fit the stage-2 model: "
+                     + "; ".join(diffs))
+  if stage2:
+    _, params = load_hf_blip2_stage2(path)
+    params.pop("language_model")
+    return _flat(params)
+  _, params = load_hf_blip2(path)
+  text_ffn = lambda p: p[0] == "qformer" and len(p) > 3 and p[3] in ("intermediate", "output")
+  return {p: v for p, v in _flat(params).items()
+          if p[0] in ("vision_model", "query_tokens", "qformer") and not text_ffn(p)}
+
+
+def load_hf_language_model(path: str, config, *, scan_layers: bool = False):
+  """A plain HF ``OPTForCausalLM`` / ``T5ForConditionalGeneration`` directory (facebook/opt-2.7b,
+  google/flan-t5-xl) as flat ``{("language_model", ...): array}`` of a ``Blip2Stage2``.
+
+  Raises:
+    ValueError: an LLM of another kind or size than ``config.llm`` (the differing fields listed;
+      the vocabulary may differ only by HF BLIP-2's resize for ``<image>``).
+  """
+  from vlm.convert import hf_opt, hf_t5
+  with open(_config_file(path)) as fh:
+    hf = json.load(fh)
+  other = _llm_config_from_hf(hf)
+  if type(other) is not type(config.llm):
+    raise ValueError(f"{path} holds a {type(other).__name__} language model but the preset needs "
+                     f"a {type(config.llm).__name__}")
+  import dataclasses as dc
+  skip = {"dropout", "attention_dropout", "dropout_rate", "dense_act_fn", "layerdrop",
+          "pad_token_id", "bos_token_id", "eos_token_id", "decoder_start_token_id"}
+  diffs = [f"{f.name}: {getattr(other, f.name)!r} (checkpoint) vs {getattr(config.llm, f.name)!r}"
+           for f in dc.fields(other) if f.name not in skip
+           and getattr(other, f.name) != getattr(config.llm, f.name)]
+  if diffs:
+    raise ValueError(f"the language model in {path} does not fit the preset: {'; '.join(diffs)}; "
+                     "pick the preset of that LLM (or set model.overrides)")
+  state = read_safetensors_dir(path)
+  if config.llm_kind == "opt":
+    llm = hf_opt.opt_params_from_hf_state(state, config.llm, scan_layers=scan_layers)
+  else:
+    llm = hf_t5.t5_params_from_hf_state(state, config.llm, scan_layers=scan_layers)
+  return {("language_model",) + k: v for k, v in _flat(llm).items()}

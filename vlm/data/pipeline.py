@@ -173,7 +173,12 @@ class Blip2TrainTransform(grain.transforms.RandomMap):
 
   Maps ``{"image_path", "caption", "image_id", ...}`` to ``{"pixel_values": float32 [S, S, 3],
   "input_ids": int32 [T], "attention_mask": int32 [T], "image_id": int32 []}`` using the
-  per-record ``rng`` grain derives from the sampler seed and the global record index.
+  per-record ``rng`` grain derives from the sampler seed and the global record index. A
+  per-image record ``{"image_path", "captions": [...], "image_id"}`` (CapFilt,
+  :class:`PerImageSource`) uses one of its captions drawn uniformly with that rng, so every use
+  of the image draws anew and the draw is reproducible and resumes exactly. With a
+  ``text_processor`` (BLIP-2 stage 2, :class:`vlm.data.stage2_text.Stage2TextProcessor`) the
+  text arrays are its output instead of the BERT tokens.
 
   If an image that passed build-time validation still fails to decode (only possible with
   ``validate_images="header"``), ``"skip"`` mode deterministically substitutes a record drawn
@@ -183,8 +188,9 @@ class Blip2TrainTransform(grain.transforms.RandomMap):
 
   def __init__(self, *, tokenizer: Blip2Tokenizer, image_size: int, max_text_len: int,
                crop_scale: Sequence[float], hflip: bool, max_words: int, on_bad_sample: str,
-               source=None):
+               source=None, text_processor=None):
     self.tokenizer = tokenizer
+    self.text_processor = text_processor
     self.image_size = int(image_size)
     self.max_text_len = int(max_text_len)
     self.crop_scale = tuple(float(s) for s in crop_scale)
@@ -197,14 +203,18 @@ class Blip2TrainTransform(grain.transforms.RandomMap):
   def _process(self, record: dict[str, Any], rng: np.random.Generator) -> dict[str, np.ndarray]:
     img = image_lib.load_rgb(record["image_path"])
     pixels = image_lib.preprocess_train(img, self.image_size, rng, self.crop_scale, self.hflip)
-    ids, mask = self.tokenizer.tokenize([pre_caption(record["caption"], self.max_words)],
+    caption = record.get("caption")
+    if caption is None:  # a per-image record (CapFilt): one of its captions, drawn at each use
+      captions = record["captions"]
+      caption = captions[int(rng.integers(len(captions)))]
+    out = {"pixel_values": pixels, "image_id": np.asarray(record["image_id"], dtype=np.int32)}
+    if self.text_processor is not None:
+      out.update(self.text_processor(caption, rng))
+      return out
+    ids, mask = self.tokenizer.tokenize([pre_caption(caption, self.max_words)],
                                         self.max_text_len)
-    return {
-        "pixel_values": pixels,
-        "input_ids": ids[0],
-        "attention_mask": mask[0],
-        "image_id": np.asarray(record["image_id"], dtype=np.int32),
-    }
+    out.update(input_ids=ids[0], attention_mask=mask[0])
+    return out
 
   def random_map(self, element: dict[str, Any], rng: np.random.Generator):
     try:
@@ -223,6 +233,40 @@ class Blip2TrainTransform(grain.transforms.RandomMap):
       raise image_lib.BadSampleError(
           f"could not find a decodable substitute for {element['image_path']} after 16 tries; "
           f"last error: {last}. Use data_cfg.validate_images='decode'.")
+
+
+class PerImageSource:
+  """One record per image with all its usable captions, over a per-caption source.
+
+  Record ``i`` is ``{"image_path", "image_id", "captions": [raw captions]}`` for the ``i``-th
+  distinct image of ``source`` (first-occurrence order). CapFilt files hold several synthetic
+  and human captions per image; training draws one per use (:class:`Blip2TrainTransform`), the
+  paper's "randomly sample one of the captions" (BLIP-2 section 3.4).
+
+  Args:
+    source: a validated per-caption source (records with ``image_path``, ``image_id``,
+      ``caption``), e.g. ``SubsetSource(CocoCaptionsSource(...), kept)``.
+  """
+
+  def __init__(self, source):
+    groups: dict[str, dict[str, Any]] = {}
+    for i in range(len(source)):
+      r = source[i]
+      g = groups.setdefault(r["image_path"], {"image_path": r["image_path"],
+                                               "image_id": r["image_id"], "captions": []})
+      g["captions"].append(r["caption"])
+    self._records = list(groups.values())
+    self._repr = f"PerImageSource({source!r}, num_images={len(self._records)})"
+
+  def __len__(self) -> int:
+    return len(self._records)
+
+  def __getitem__(self, index: int) -> dict[str, Any]:
+    r = self._records[index]
+    return dict(r, captions=list(r["captions"]))
+
+  def __repr__(self) -> str:
+    return self._repr
 
 
 class Blip2TrainLoader(grain.DataLoader):
@@ -273,6 +317,7 @@ def build_blip2_train_loader(
     seed: int,
     process_index: int | None = None,
     process_count: int | None = None,
+    text_processor=None,
 ) -> Blip2TrainLoader:
   """Builds the checkpointable, infinitely repeating, per-process-sharded training loader.
 
@@ -287,6 +332,11 @@ def build_blip2_train_loader(
     seed: non-negative 32-bit int.
     process_index, process_count: data shard; default ``jax.process_index()`` /
       ``jax.process_count()``.
+    text_processor: None (stage 1: BERT tokens) or a callable ``(caption, rng) -> dict of int32
+      arrays`` (stage 2: :class:`vlm.data.stage2_text.Stage2TextProcessor`), whose keys replace
+      ``input_ids`` / ``attention_mask`` in each batch.
+    ``data_cfg.caption_sampling``: ``"per_caption"`` (default; every caption a record) or
+      ``"per_image"`` (every image a record, one of its captions drawn at each use: CapFilt).
 
   Returns:
     :class:`Blip2TrainLoader` (a ``grain.DataLoader``); ``iter(loader)`` yields numpy dicts
@@ -316,6 +366,13 @@ def build_blip2_train_loader(
       source, max_words=max_words, on_bad_sample=on_bad_sample,
       validate_images=_get(data_cfg, "validate_images", "decode"))
   kept_source = SubsetSource(source, kept)
+  sampling = _get(data_cfg, "caption_sampling", "per_caption")
+  if sampling not in ("per_caption", "per_image"):
+    raise ValueError(f"data.caption_sampling must be 'per_caption' (each caption a record) or "
+                     f"'per_image' (each image a record, one caption drawn per use), got "
+                     f"{sampling!r}")
+  if sampling == "per_image":
+    kept_source = PerImageSource(kept_source)
   if len(kept_source) < process_count:
     raise ValueError(f"only {len(kept_source)} usable records for {process_count} processes")
 
@@ -329,7 +386,8 @@ def build_blip2_train_loader(
       hflip=_get(data_cfg, "hflip", True),
       max_words=max_words,
       on_bad_sample=on_bad_sample,
-      source=kept_source)
+      source=kept_source,
+      text_processor=text_processor)
   worker_count = int(_get(data_cfg, "worker_count", 0))
   if worker_count > 0:
     # grain's worker processes read absl flags; outside absl.app.run they are unparsed.

@@ -228,3 +228,62 @@ def format_caption_scores(model: Mapping[str, float], baseline: Mapping[str, flo
   if baseline_caption:
     lines.append(f"baseline caption: {baseline_caption!r}")
   return "\n".join(lines)
+
+
+def evaluate_held_out_captions(caption_batch, data_cfg, *, split: str = "val",
+                               max_images: int = 0, batch_size: int = 16,
+                               tokenizer: str = "ptb", label: str = "") -> dict:
+  """Captions the photos of a held-out COCO split and scores them beside the baseline.
+
+  The one captioning evaluator of every model family: the family supplies ``caption_batch``
+  (its own processor and generation); loading the split, batching, the most-frequent-caption
+  baseline (:func:`score_baseline`, over the training captions), the scores
+  (:func:`score_captions`) and the printed table are shared.
+
+  Args:
+    caption_batch: ``fn(image_paths: list[str]) -> list[str]``, one caption per photo.
+    data_cfg: data config with ``root``, ``{split}_annotations``, ``image_dir`` (and the train
+      split, for the baseline).
+    split: the held-out split ("val").
+    max_images: first N photos only (0: all).
+    batch_size: photos per ``caption_batch`` call.
+    tokenizer: ``"ptb"`` or ``"basic"`` (see :func:`score_captions`).
+    label: what generated the captions, for the printed header (e.g. "beam 5").
+  Returns:
+    ``{"scores", "baseline", "baseline_caption", "num_images", "tokenizer", "seconds",
+    "examples"}`` (JSON-able).
+  Raises:
+    ValueError: ``caption_batch`` returning another number of captions than photos; the
+      errors of :func:`score_captions` (e.g. RuntimeError without java for "ptb").
+  """
+  import os
+  import time
+  from vlm.data import pipeline as data_pipeline
+  from vlm.data.sources import load_coco_retrieval
+  ann, image_dir = data_pipeline.split_paths(data_cfg, split)
+  data = load_coco_retrieval(ann, image_dir)
+  images = list(data["image_paths"])[: int(max_images) or None]
+  refs = {i: [data["texts"][t] for t in data["img2txt"][i]] for i in range(len(images))}
+  train_ann, train_dir = data_pipeline.split_paths(data_cfg, "train")
+  train = load_coco_retrieval(train_ann, train_dir)
+  baseline_caption, baseline = score_baseline(train["texts"], refs, tokenizer=tokenizer)
+  predictions = {}
+  t0 = time.perf_counter()
+  for start in range(0, len(images), int(batch_size)):
+    chunk = images[start:start + int(batch_size)]
+    out = list(caption_batch(chunk))
+    if len(out) != len(chunk):
+      raise ValueError(f"caption_batch returned {len(out)} captions for {len(chunk)} photos")
+    predictions.update({start + j: str(c).strip() for j, c in enumerate(out)})
+  seconds = time.perf_counter() - t0
+  scores = score_captions(predictions, refs, tokenizer=tokenizer)
+  print(f"captions of {len(images)} held-out photos ({split}{', ' + label if label else ''}, "
+        f"{seconds:.0f}s):")
+  print(format_caption_scores(scores, baseline, baseline_caption))
+  examples = [{"image": os.path.basename(images[i]), "prediction": predictions[i],
+               "reference": refs[i][0]} for i in range(min(3, len(images)))]
+  for e in examples:
+    print(f"  {e['image']}: {e['prediction']!r} (human: {e['reference']!r})")
+  return {"scores": scores, "baseline": baseline, "baseline_caption": baseline_caption,
+          "num_images": len(images), "tokenizer": tokenizer, "seconds": seconds,
+          "examples": examples}

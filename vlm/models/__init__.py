@@ -13,6 +13,7 @@ from vlm.models import presets
 # name -> (module path, class name, config class name the module accepts)
 REGISTRY: dict[str, tuple[str, str, str]] = {
     "blip2_stage1": ("vlm.models.blip2", "Blip2Stage1", "Blip2Config"),
+    "blip2_stage2": ("vlm.models.blip2", "Blip2Stage2", "Blip2Stage2Config"),  # OPT or FlanT5
     "qwen3_vl": ("vlm.models.qwen3_vl", "Qwen3VL", "Qwen3VLConfig"),  # also Qwen3-VL-MoE
     "qwen2_5_vl": ("vlm.models.qwen3_vl", "Qwen2_5_VL", "Qwen2_5_VLConfig"),
 }

@@ -305,3 +305,142 @@ class Blip2Stage1(nn.Module):
         itg_logits=self.itg_logits(image_embeds, input_ids, attention_mask, deterministic),
         temp=self.temperature(),
     )
+
+
+class Blip2Stage2(nn.Module):
+  """BLIP-2 stage 2: frozen image encoder -> Q-Former -> ``language_projection`` -> frozen LLM.
+
+  HF ``Blip2ForConditionalGeneration`` (``transformers/models/blip_2/modeling_blip_2.py``) and
+  LAVIS ``Blip2OPT`` / ``Blip2T5`` (``lavis/models/blip2_models/blip2_opt.py``, ``blip2_t5.py``);
+  BLIP-2 paper section 3.3 (Li et al. 2023, arXiv:2301.12597); spec section 4.
+
+  The projected query outputs ``P = language_projection(Q-Former(queries, image))`` [B,Q,Dl] are
+  a soft visual prompt. OPT (decoder-only): ``concat(P, embed(input_ids))`` with the mask
+  ``concat(ones(B,Q), attention_mask)`` runs through the decoder (positions from the mask as HF,
+  so padding between the queries and the text shifts nothing). FlanT5 (encoder-decoder): the same
+  concatenation is the encoder input; ``decoder_input_ids`` run through the decoder. HF instead
+  writes ``P`` into ``<image>`` placeholder positions of ``input_ids``; with the placeholders
+  first (as its processor puts them) the two are the same computation.
+
+  Parameters: ``vision_model`` (tower + ``post_layernorm`` = LAVIS ``ln_vision``),
+  ``query_tokens`` [1,Q,D], ``qformer`` (stage-1 tree without the text FFN),
+  ``language_projection`` (D -> Dl), ``language_model`` (:class:`vlm.models.opt.OPTForCausalLM`
+  or :class:`vlm.models.t5.T5ForConditionalGeneration` tree). The stage-1 paths are identical, so a
+  stage-1 checkpoint initialises the first three by path.
+
+  Attributes:
+    config: :class:`vlm.models.presets.Blip2Stage2Config`.
+    dtype / param_dtype: compute / storage dtypes; ``llm_param_dtype`` (default ``param_dtype``)
+      stores the frozen LLM, e.g. bfloat16 as LAVIS casts FlanT5.
+    remat: rematerialise vision blocks, Q-Former layers and LLM layers.
+    scan_layers: the LLM's layers under ``nn.scan`` (``language_model/.../layers``).
+  Named axes: ``B`` batch, ``Q`` queries, ``T`` text tokens, ``Td`` decoder tokens, ``Dl`` LLM
+  width, ``V`` LLM vocabulary.
+  """
+  config: Any  # Blip2Stage2Config
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+  llm_param_dtype: Dtype | None = None
+  remat: bool = False
+  scan_layers: bool = False
+
+  def setup(self):
+    cfg = self.config
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    vision_cls = EvaVisionModel if cfg.vision.kind == "eva" else ClipVisionModel
+    self.vision_model = vision_cls(cfg.vision, remat=self.remat, **kw)
+    self.query_tokens = self.param(
+        "query_tokens", P.with_axes(nn.initializers.normal(0.02), (None, None, P.EMBED)),
+        (1, cfg.num_query_tokens, cfg.qformer.hidden_size), self.param_dtype)
+    self.qformer = QFormerModel(cfg.qformer, remat=self.remat, **kw)
+    self.language_projection = layers.Dense(
+        cfg.llm_hidden_size, kernel_axes=(None, P.EMBED),
+        kernel_init=nn.initializers.normal(cfg.qformer.initializer_range), **kw)
+    llm_kw = dict(dtype=self.dtype, param_dtype=self.llm_param_dtype or self.param_dtype,
+                  scan_layers=self.scan_layers, remat=self.remat)
+    if cfg.llm_kind == "t5":
+      from vlm.models.t5 import T5ForConditionalGeneration
+      self.language_model = T5ForConditionalGeneration(cfg.llm, **llm_kw)
+    else:
+      from vlm.models.opt import OPTForCausalLM
+      self.language_model = OPTForCausalLM(cfg.llm, **llm_kw)
+
+  def encode_image(self, pixel_values):
+    """Frozen tower + ``post_layernorm``: float [B,S,S,3] NHWC -> image_embeds [B,Nv,Dv]."""
+    return self.vision_model(pixel_values)
+
+  def query_embeds(self, image_embeds, deterministic: bool = True):
+    """The soft visual prompt: query-only Q-Former pass + ``language_projection``.
+
+    Args:
+      image_embeds: [B,Nv,Dv].
+    Returns:
+      [B,Q,Dl] in ``dtype``.
+    """
+    if image_embeds.ndim != 3:
+      raise ValueError(f"image_embeds must be [B,Nv,Dv], got shape {image_embeds.shape}")
+    q = jnp.asarray(self.query_tokens, self.dtype)
+    q = jnp.broadcast_to(q, (image_embeds.shape[0],) + q.shape[1:])
+    out = self.qformer(q, query_length=q.shape[1], attention_mask=None,
+                       encoder_hidden_states=image_embeds, deterministic=deterministic)
+    return self.language_projection(out)
+
+  def embed_text(self, input_ids):
+    """LLM input embeddings of ``input_ids`` [B,T] -> [B,T,Dl] (no scaling: OPT and T5 have none)."""
+    return self.language_model.embed(input_ids)
+
+  def prefix_inputs(self, prompt, input_ids, attention_mask):
+    """``(concat(P, embed(input_ids)) [B,Q+T,Dl], concat(ones(B,Q), attention_mask) [B,Q+T])``.
+
+    Raises:
+      ValueError: ``input_ids`` not [B,T] with the batch of ``prompt``, or a mask of another shape.
+    """
+    if input_ids.ndim != 2 or input_ids.shape[0] != prompt.shape[0]:
+      raise ValueError(f"input_ids must be [B,T] with B={prompt.shape[0]} (the images), got "
+                       f"{input_ids.shape}")
+    if attention_mask is None:
+      attention_mask = jnp.ones(input_ids.shape, jnp.int32)
+    if attention_mask.shape != input_ids.shape:
+      raise ValueError(f"attention_mask shape {attention_mask.shape} != input_ids shape "
+                       f"{input_ids.shape}")
+    emb = self.embed_text(input_ids)
+    x = jnp.concatenate([jnp.asarray(prompt, emb.dtype), emb], axis=1)
+    mask = jnp.concatenate([jnp.ones(prompt.shape[:2], jnp.int32),
+                            jnp.asarray(attention_mask, jnp.int32)], axis=1)
+    return x, mask
+
+  def lm_logits(self, hidden):
+    """The LLM head on hidden states: [..., Dl] -> float32 [..., V]."""
+    return self.language_model.logits(hidden)
+
+  def __call__(self, pixel_values, input_ids, attention_mask=None, decoder_input_ids=None,
+               decoder_attention_mask=None, deterministic: bool = True,
+               llm_deterministic: bool | None = None, return_hidden: bool = False):
+    """Teacher-forced forward.
+
+    Args:
+      pixel_values: float [B,S,S,3].
+      input_ids: int [B,T] LLM tokens after the queries (OPT: ``</s>`` + caption; T5: the encoder
+        text, e.g. the prompt or a caption prefix, ending in ``</s>``); attention_mask [B,T] 0/1.
+      decoder_input_ids / decoder_attention_mask: [B,Td], T5 only (the shifted target).
+      deterministic: disables the Q-Former's dropout; ``llm_deterministic`` (default: the same)
+        the frozen LLM's (LAVIS leaves it active during training, spec 4.1).
+      return_hidden: the LLM's last hidden states instead of logits (for a chunked loss).
+    Returns:
+      OPT: float32 logits [B,Q+T,V] (or hidden [B,Q+T,Dl]); position ``t`` predicts ``t+1``.
+      T5: float32 logits [B,Td,V] (or hidden).
+    Raises:
+      ValueError: T5 without ``decoder_input_ids``; bad shapes.
+    """
+    llm_det = deterministic if llm_deterministic is None else llm_deterministic
+    prompt = self.query_embeds(self.encode_image(pixel_values), deterministic)
+    x, mask = self.prefix_inputs(prompt, input_ids, attention_mask)
+    if self.config.llm_kind == "opt":
+      out, _ = self.language_model(x, mask, deterministic=llm_det, return_hidden=return_hidden)
+      return out
+    if decoder_input_ids is None:
+      raise ValueError("a FlanT5 stage-2 model needs decoder_input_ids (the shifted target)")
+    enc = self.language_model.encode(x, mask, deterministic=llm_det)
+    out, _ = self.language_model.decode(decoder_input_ids, enc, mask, decoder_attention_mask,
+                                        deterministic=llm_det, return_hidden=return_hidden)
+    return out

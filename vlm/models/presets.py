@@ -159,11 +159,102 @@ PRESETS: dict[str, Any] = {
 }
 
 
+@dataclasses.dataclass(frozen=True)
+class Blip2Stage2Config:
+  """A BLIP-2 stage-2 model: image encoder, Q-Former (no text FFN, no text embeddings), the
+  ``language_projection`` and a frozen LLM (HF ``Blip2ForConditionalGeneration``; spec section 4).
+
+  ``llm`` is a :class:`vlm.models.opt.OPTConfig` (decoder-only) or a
+  :class:`vlm.models.t5.T5Config` (encoder-decoder). ``image_token_index`` is the LLM-vocabulary
+  id of HF's ``<image>`` placeholder (OPT 50265, T5 32100); vlm itself concatenates the projected
+  queries in front of the text embeddings and uses it only to read and write HF checkpoints.
+  """
+  vision: Blip2VisionConfig = Blip2VisionConfig()
+  qformer: QFormerConfig = dataclasses.replace(QFormerConfig(), use_qformer_text_input=False)
+  llm: Any = None
+  num_query_tokens: int = 32
+  image_token_index: int | None = None
+
+  @property
+  def llm_kind(self) -> str:
+    """``"opt"`` or ``"t5"``."""
+    return "t5" if type(self.llm).__name__ == "T5Config" else "opt"
+
+  @property
+  def llm_hidden_size(self) -> int:
+    """Width ``Dl`` of the LLM's input embeddings (the projection's output width)."""
+    if self.llm_kind == "t5":
+      return self.llm.d_model
+    return self.llm.word_embed_proj_dim or self.llm.hidden_size
+
+  def __post_init__(self):
+    if type(self.llm).__name__ not in ("OPTConfig", "T5Config"):
+      raise ValueError(f"Blip2Stage2Config.llm must be an OPTConfig or a T5Config, got "
+                       f"{type(self.llm).__name__}")
+    if self.qformer.encoder_hidden_size != self.vision.hidden_size:
+      raise ValueError(
+          f"qformer.encoder_hidden_size ({self.qformer.encoder_hidden_size}) must equal the vision "
+          f"hidden_size ({self.vision.hidden_size})")
+    if self.qformer.use_qformer_text_input:
+      raise ValueError("the stage-2 Q-Former has no text FFN: build it with "
+                       "use_qformer_text_input=False")
+
+  def replace(self, **kw) -> "Blip2Stage2Config":
+    return dataclasses.replace(self, **kw)
+
+
+def _stage2(vision: Blip2VisionConfig, qformer: QFormerConfig, llm: Any, **kw) -> Blip2Stage2Config:
+  qformer = dataclasses.replace(qformer, encoder_hidden_size=vision.hidden_size,
+                                use_qformer_text_input=False)
+  return Blip2Stage2Config(vision=vision, qformer=qformer, llm=llm, **kw)
+
+
+def stage2_presets() -> dict[str, Blip2Stage2Config]:
+  """The stage-2 presets (built on first use: the LLM config classes import flax).
+
+  Paper settings (BLIP-2 table 1; LAVIS ``pretrain_stage2``): ``blip2_opt2.7b``,
+  ``blip2_opt6.7b``, ``blip2_flant5xl``, ``blip2_flant5xxl`` (EVA ViT-g/14 + BERT-base Q-Former +
+  facebook/opt-2.7b / opt-6.7b / google/flan-t5-xl / flan-t5-xxl). ``blip2_opt_tiny`` and
+  ``blip2_t5_tiny`` pair the stage-1 ``blip2_tiny`` tower and Q-Former (so a stage-1 tiny workdir
+  initialises them) with 4-layer LLMs that keep the real vocabularies; ``*_micro`` are test sizes.
+  """
+  from vlm.models.opt import opt_preset
+  from vlm.models.t5 import t5_preset
+  # LAVIS/HF BLIP-2 FlanT5 runs the gated FFN with exact GELU (spec 4.3).
+  flan = lambda name: t5_preset(name, dense_act_fn="gelu")
+  micro = PRESETS["blip2_micro"]
+  return {
+      "blip2_opt2.7b": _stage2(EVA_VIT_G, QFORMER_BASE, opt_preset("opt_2.7b"),
+                               image_token_index=50265),
+      "blip2_opt6.7b": _stage2(EVA_VIT_G, QFORMER_BASE, opt_preset("opt_6.7b"),
+                               image_token_index=50265),
+      "blip2_flant5xl": _stage2(EVA_VIT_G, QFORMER_BASE, flan("flan_t5_xl"),
+                                image_token_index=32100),
+      "blip2_flant5xxl": _stage2(EVA_VIT_G, QFORMER_BASE, flan("flan_t5_xxl"),
+                                 image_token_index=32100),
+      "blip2_opt_tiny": _stage2(TINY_VISION, QFORMER_MINILM, opt_preset("opt_tiny"),
+                                num_query_tokens=16, image_token_index=50265),
+      "blip2_t5_tiny": _stage2(TINY_VISION, QFORMER_MINILM, flan("t5_tiny"),
+                               num_query_tokens=16, image_token_index=32100),
+      "blip2_opt_micro": _stage2(micro.vision, micro.qformer, opt_preset(
+          "opt_tiny", hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=2),
+                                 num_query_tokens=8, image_token_index=50265),
+      "blip2_t5_micro": _stage2(micro.vision, micro.qformer, t5_preset(
+          "t5_tiny", d_model=32, d_kv=16, d_ff=64, num_layers=2, num_decoder_layers=2,
+          num_heads=2, dense_act_fn="gelu"), num_query_tokens=8, image_token_index=32100),
+  }
+
+
+STAGE2_PRESET_NAMES = ("blip2_opt2.7b", "blip2_opt6.7b", "blip2_flant5xl", "blip2_flant5xxl",
+                       "blip2_opt_tiny", "blip2_t5_tiny", "blip2_opt_micro", "blip2_t5_micro")
+
+
 def get_preset(name: str, **overrides) -> Any:
   """Returns the preset called ``name``, with top-level fields replaced by ``overrides``.
 
-  BLIP-2 presets live here; Qwen ones (``qwen3_vl_8b``, ``qwen2_5_vl_7b``, ...) in
-  :mod:`vlm.models.qwen_presets` and are found by the same call.
+  BLIP-2 presets live here (stage 1 in :data:`PRESETS`, stage 2 in :func:`stage2_presets`); Qwen
+  ones (``qwen3_vl_8b``, ``qwen2_5_vl_7b``, ...) in :mod:`vlm.models.qwen_presets` and are found
+  by the same call.
   Raises:
     KeyError: for an unknown name, listing the known ones.
   """
@@ -172,7 +263,9 @@ def get_preset(name: str, **overrides) -> Any:
     preset = qwen_presets.qwen_config(name)
   elif name in PRESETS:
     preset = PRESETS[name]
+  elif name in STAGE2_PRESET_NAMES:
+    preset = stage2_presets()[name]
   else:
     raise KeyError(f"unknown preset {name!r}; known presets: "
-                   f"{sorted(PRESETS) + sorted(qwen_presets.HF_CONFIGS)}")
+                   f"{sorted(PRESETS) + list(STAGE2_PRESET_NAMES) + sorted(qwen_presets.HF_CONFIGS)}")
   return dataclasses.replace(preset, **overrides) if overrides else preset

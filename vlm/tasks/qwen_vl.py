@@ -33,7 +33,6 @@ import dataclasses
 import json
 import logging
 import os
-import time
 from typing import Any, Mapping
 
 import flax
@@ -281,24 +280,15 @@ def _heldout_loss(config, model, params, *, num_batches: int) -> dict[str, float
 
 
 def _caption_eval(config, model, params) -> dict[str, Any]:
-  """Greedy captions of the held-out COCO photos scored against their human captions."""
+  """Greedy captions of the held-out COCO photos scored against their human captions
+  (:func:`vlm.inference.captioning.evaluate_held_out_captions`)."""
   from vlm.data import qwen_batch
   from vlm.data import qwen_processor as qp
   from vlm.data.conversations import DEFAULT_CAPTION_PROMPT
-  from vlm.data.sources import load_coco_retrieval
-  from vlm.data import pipeline as data_pipeline
   from vlm.inference import captioning
   from vlm.inference import generate as G
 
   ecfg = config.eval
-  ann, image_dir = data_pipeline.split_paths(ecfg.data, ecfg.caption_split)
-  split = load_coco_retrieval(ann, image_dir)
-  images = list(split["image_paths"])[: int(ecfg.get("max_images", 0)) or None]
-  refs = {i: [split["texts"][t] for t in split["img2txt"][i]] for i in range(len(images))}
-  train_ann, train_dir = data_pipeline.split_paths(ecfg.data, "train")
-  train = load_coco_retrieval(train_ann, train_dir)
-  baseline_caption, baseline = captioning.score_baseline(
-      train["texts"], refs, tokenizer=ecfg.caption_tokenizer)
   proc_cfg = qwen_batch.processor_config_for(model.config,
                                             dict(config.data.get("processor", {}) or {}))
   tok = qp.Qwen3Tokenizer(config.data.get("tokenizer_file", qp.DEFAULT_TOKENIZER_FILE))
@@ -310,27 +300,18 @@ def _caption_eval(config, model, params) -> dict[str, Any]:
                                     {"type": "text", "text": ecfg.get("caption_prompt",
                                                                       DEFAULT_CAPTION_PROMPT)}]}])
   eos = [tok.token_to_id(qp.IM_END), tok.token_to_id(qp.ENDOFTEXT)]
-  predictions = {}
-  t0 = time.perf_counter()
-  bs = int(ecfg.batch_size)
-  for start in range(0, len(images), bs):
-    chunk = images[start:start + bs]
-    batch = processor(text=[prompt] * len(chunk), images=[[p] for p in chunk])
+
+  def caption_batch(paths):
+    batch = processor(text=[prompt] * len(paths), images=[[p] for p in paths])
     out = G.generate(model, params, batch, max_new_tokens=int(ecfg.max_new_tokens),
                      eos_token_ids=eos, pad_token_id=tok.pad_token_id)
-    for j, row in enumerate(np.asarray(out)):
-      ids = [int(t) for t in row if int(t) not in eos and int(t) != tok.pad_token_id]
-      predictions[start + j] = tok.decode(ids, skip_special_tokens=True).strip()
-  scores = captioning.score_captions(predictions, refs, tokenizer=ecfg.caption_tokenizer)
-  print(f"captions of {len(images)} held-out photos ({ecfg.caption_split}, "
-        f"{time.perf_counter() - t0:.0f}s):")
-  print(captioning.format_caption_scores(scores, baseline, baseline_caption))
-  examples = [{"image": os.path.basename(images[i]), "prediction": predictions[i],
-               "reference": refs[i][0]} for i in range(min(3, len(images)))]
-  for e in examples:
-    print(f"  {e['image']}: {e['prediction']!r} (human: {e['reference']!r})")
-  return {"scores": scores, "baseline": baseline, "baseline_caption": baseline_caption,
-          "num_images": len(images), "tokenizer": ecfg.caption_tokenizer, "examples": examples}
+    return [tok.decode([int(t) for t in row if int(t) not in eos and int(t) != tok.pad_token_id],
+                       skip_special_tokens=True) for row in np.asarray(out)]
+
+  return captioning.evaluate_held_out_captions(
+      caption_batch, ecfg.data, split=ecfg.caption_split,
+      max_images=int(ecfg.get("max_images", 0)), batch_size=int(ecfg.batch_size),
+      tokenizer=ecfg.caption_tokenizer, label="greedy")
 
 
 def evaluators(config) -> dict[str, Any]:

@@ -1,0 +1,30 @@
+r"""BLIP-2 stage 2 with a frozen FlanT5: generative pre-training of the Q-Former bridge.
+
+Run (CPU, real COCO photos and captions of data/coco; after stage 1, README command 1):
+
+  python scripts/train.py --config configs/blip2/stage2_t5.py:tiny --workdir runs/blip2_stage2_t5 \
+      --config.init.stage1_workdir=runs/blip2_tiny
+
+After training it prints zero-shot captioning (CIDEr, BLEU-4) on the 159 held-out photos and
+zero-shot VQA accuracy on the embedded OK-VQA questions, each beside a trivial baseline.
+
+Variants (``:name``):
+  tiny       the stage-1 tiny tower + Q-Former (16 queries) and a 4+4-layer 256-wide T5 v1.1 with the
+             real 32,128-token vocabulary, first trained alone on the training captions
+             (``init.llm_warmup_steps``; no pretrained FlanT5 installs offline), then frozen;
+             global batch 16, 300 steps; prompt "a photo of" (encoder) -> caption (decoder).
+  flant5xl   the paper (LAVIS ``pretrain_stage2``): EVA ViT-g/14 (frozen) + BERT-base Q-Former (from
+  flant5xxl  stage 1) + google/flan-t5-xl or -xxl (frozen, bfloat16, exact-GELU gated FFN as
+             LAVIS), batch 1520, 80k steps, AdamW(0.9, 0.98), wd 0.05, lr 1e-4 -> 5e-5 cosine,
+             warmup 2k, prefix language modelling (random word-boundary split). On a pod:
+               python scripts/train.py --config configs/blip2/stage2_t5.py:flant5xl \
+                 --workdir gs://bucket/blip2_flant5xl --config.init.stage1_workdir=gs://bucket/blip2_stage1 \
+                 --config.init.llm_checkpoint=/path/to/google/flan-t5-xl --config.mesh.shape.fsdp=-1
+"""
+import ml_collections
+
+from vlm.tasks.blip2_stage2 import base_config
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  return base_config("t5", arg or "tiny")
