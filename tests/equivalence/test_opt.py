@@ -74,11 +74,27 @@ def _batch(seed: int = 0):
   return ids, mask
 
 
+_JIT: dict = {}
+
+
+def _forward(config, **kw):
+  """Jitted ``(params, ids or None, mask or None, embeds or None) -> logits`` (one per model)."""
+  key = (config, tuple(sorted(kw.items())))
+  if key not in _JIT:
+    model = O.OPTForCausalLM(config, **kw)
+
+    def fn(params, ids, mask, embeds):
+      if embeds is None:
+        embeds = model.apply({"params": params}, ids, method=model.embed)
+      return model.apply({"params": params}, embeds, mask)[0]
+
+    _JIT[key] = jax.jit(fn)
+  return _JIT[key]
+
+
 def _vlm_logits(config, params, ids=None, mask=None, embeds=None, **kw):
-  model = O.OPTForCausalLM(config, **kw)
-  if embeds is None:
-    embeds = model.apply({"params": params}, jnp.asarray(ids), method=model.embed)
-  out, _ = model.apply({"params": params}, embeds, None if mask is None else jnp.asarray(mask))
+  out = _forward(config, **kw)(params, None if ids is None else jnp.asarray(ids),
+                               None if mask is None else jnp.asarray(mask), embeds)
   return np.asarray(out)
 
 
@@ -126,7 +142,7 @@ def test_loss_and_gradients_match_hf(name):
   out = hf(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
            labels=torch.tensor(labels))
   out.loss.backward()
-  ref_loss = float(out.loss)
+  ref_loss = float(out.loss.detach())
   ref_grads = {k: p.grad.numpy().copy() for k, p in hf.named_parameters()}
   hf.zero_grad()
   ref_grads = hf_opt.opt_params_from_hf_state(ref_grads, config)
@@ -141,7 +157,7 @@ def test_loss_and_gradients_match_hf(name):
     return next_token_loss(logits[:, :-1], jnp.where(targets == -100, 0, targets),
                            targets != -100)
 
-  loss, grads = jax.value_and_grad(loss_fn)(params)
+  loss, grads = jax.jit(jax.value_and_grad(loss_fn))(params)
   loss_err = abs(float(loss) - ref_loss)
   errs = jax.tree_util.tree_map(lambda g, r: max_abs(g, r), grads, ref_grads)
   worst = max(jax.tree_util.tree_leaves(errs))
@@ -161,17 +177,25 @@ def test_kv_cache_decoding_matches_full_forward_and_hf_generate(name):
   prompt[1, :2] = 1
   steps = 4
   cache = O.init_cache(config, 2, 6 + steps)
-  emb = model.apply({"params": params}, jnp.asarray(prompt), method=model.embed)
-  logits, cache = model.apply({"params": params}, emb, jnp.asarray(pmask), kv_cache=cache,
-                              cache_index=0)
+
+  @jax.jit
+  def prefill(p, ids, mask, cache):  # static cache_index 0: empty cache
+    emb = model.apply({"params": p}, ids, method=model.embed)
+    return model.apply({"params": p}, emb, mask, kv_cache=cache, cache_index=0)
+
+  @jax.jit
+  def step(p, ids, cache, index):
+    emb = model.apply({"params": p}, ids, method=model.embed)
+    return model.apply({"params": p}, emb, jnp.ones(ids.shape, bool), kv_cache=cache,
+                       cache_index=index)
+
+  logits, cache = prefill(params, jnp.asarray(prompt), jnp.asarray(pmask), cache)
   step_logits = [np.asarray(logits)]
   tokens = []
   for t in range(steps):
     nxt = jnp.argmax(logits[:, -1], axis=-1)[:, None]
     tokens.append(np.asarray(nxt))
-    emb = model.apply({"params": params}, nxt, method=model.embed)
-    logits, cache = model.apply({"params": params}, emb, jnp.ones((2, 1), bool), kv_cache=cache,
-                                cache_index=jnp.asarray(6 + t))
+    logits, cache = step(params, nxt, cache, jnp.asarray(6 + t))
     step_logits.append(np.asarray(logits))
   cached = np.concatenate(step_logits, axis=1)  # [2, 6 + steps, V]
   new = np.concatenate(tokens, axis=1)
@@ -202,13 +226,23 @@ def test_scan_and_remat_equal_unscanned():
   def grads(p, **kw):
     model = O.OPTForCausalLM(config, **kw)
     emb = jnp.asarray(np.random.default_rng(0).standard_normal((B, L, 16)), jnp.float32)
-    return jax.grad(lambda q: jnp.mean(jnp.sin(model.apply({"params": q}, emb, mask)[0])))(p)
+    loss = lambda q: jnp.mean(jnp.sin(model.apply({"params": q}, emb, mask)[0]))
+    return jax.jit(jax.grad(loss))(p)
 
   g_plain = qwen3.stack_layers(grads(params))
   g_scan = grads(stacked, scan_layers=True, remat=True)
   gerr = max(jax.tree_util.tree_leaves(jax.tree_util.tree_map(max_abs, g_plain, g_scan)))
   print(f"scan+remat vs unscanned: logits max err {err:.2e}, gradient max err {gerr:.2e}")
   assert err < TOL and gerr < TOL
+  # the scanned cache path (dynamic cache_index into a longer cache) gives the same logits
+  model = O.OPTForCausalLM(config, scan_layers=True)
+  emb = model.apply({"params": stacked}, jnp.asarray(ids), method=model.embed)
+  cached, cache = jax.jit(lambda p, c: model.apply({"params": p}, emb, jnp.asarray(mask),
+                                                   kv_cache=c, cache_index=jnp.asarray(0)))(
+      stacked, O.init_cache(config, B, L + 3))
+  real = mask.astype(bool)
+  assert max_abs(np.asarray(cached)[real], base[real]) < TOL
+  np.testing.assert_array_equal(np.asarray(cache["mask"][:, :L]), real)
   # init creates the same tree in both layouts (untied head and token table included)
   emb = jnp.zeros((1, 3, 16))
   shapes = lambda **kw: jax.tree_util.tree_map(lambda a: a.shape, nn.unbox(jax.eval_shape(
@@ -222,11 +256,10 @@ def test_dropout_is_active_only_when_not_deterministic():
   config = dataclasses.replace(config, dropout=0.3, attention_dropout=0.2)
   model = O.OPTForCausalLM(config)
   emb = jnp.asarray(np.random.default_rng(0).standard_normal((2, 5, 32)), jnp.float32)
-  det, _ = model.apply({"params": params}, emb)
-  a, _ = model.apply({"params": params}, emb, deterministic=False,
-                     rngs={"dropout": jax.random.key(1)})
-  b, _ = model.apply({"params": params}, emb, deterministic=False,
-                     rngs={"dropout": jax.random.key(2)})
+  det, _ = jax.jit(model.apply)({"params": params}, emb)
+  drop = jax.jit(lambda p, r: model.apply(p, emb, deterministic=False, rngs={"dropout": r})[0])
+  a = drop({"params": params}, jax.random.key(1))
+  b = drop({"params": params}, jax.random.key(2))
   assert max_abs(a, det) > 1e-3 and max_abs(a, b) > 1e-3
 
 
