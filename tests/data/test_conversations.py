@@ -110,9 +110,9 @@ def test_coco_captions_as_caption_rows_and_chat_turns():
 
 
 def test_okvqa_questions_as_qa_turns():
-  train, problems = conv.okvqa_samples("data/qwen_sft/okvqa_on_coco_real_captions.json",
+  train, problems = conv.okvqa_samples("data/vqa/okvqa_on_coco_real_captions.json",
                                        "data/coco/images", split="train")
-  val, _ = conv.okvqa_samples("data/qwen_sft/okvqa_on_coco_real_captions.json",
+  val, _ = conv.okvqa_samples("data/vqa/okvqa_on_coco_real_captions.json",
                               "data/coco/images", split="val")
   assert problems == [] and (len(train), len(val)) == (19, 28)
   assert all(conv.check_sample_files(s) is None for s in train[:3])
@@ -137,7 +137,7 @@ def test_check_sample_files_reasons(tmp_path):
 def test_load_source_dispatch_and_errors():
   samples, _ = conv.load_sources([
       {"type": "conversations", "path": "data/qwen_sft/single_images.json", "repeat": 2},
-      {"type": "okvqa", "path": "data/qwen_sft/okvqa_on_coco_real_captions.json",
+      {"type": "okvqa", "path": "data/vqa/okvqa_on_coco_real_captions.json",
        "image_dir": "data/coco/images"}])
   assert len(samples) == 6 + 47
   with pytest.raises(ValueError, match="unknown data source type"):

@@ -78,7 +78,7 @@ def default_qwen_data_config() -> ml_collections.ConfigDict:
   cfg.sources = [
       {"type": "coco_captions", "annotations": "data/coco/captions_train2017.json",
        "image_dir": "data/coco/images", "mode": "chat"},
-      {"type": "okvqa", "path": "data/qwen_sft/okvqa_on_coco_real_captions.json",
+      {"type": "okvqa", "path": "data/vqa/okvqa_on_coco_real_captions.json",
        "image_dir": "data/coco/images", "split": "train"},
       {"type": "conversations", "path": "data/qwen_sft/single_images.json"},
       {"type": "conversations", "path": "data/qwen_sft/activitynet_qa/video.json"},

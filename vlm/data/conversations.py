@@ -329,7 +329,7 @@ def okvqa_samples(questions_json: str, image_dir: str, *, split: str | None = No
   human answer; LLaVA-1.5 short-answer VQA prompt by default).
 
   Args:
-    questions_json: the OK-VQA json (e.g. ``data/qwen_sft/okvqa_on_coco_real_captions.json``).
+    questions_json: the OK-VQA json (e.g. ``data/vqa/okvqa_on_coco_real_captions.json``).
     image_dir: directory with the ``file_name`` images (``data/coco/images``).
     split: keep only ``okvqa_split == split`` (``"train"``/``"val"``), or all (None).
     prompt: appended instruction line ("" for none).
