@@ -42,7 +42,7 @@ from vlm.models.qwen3 import unstack_layers
 
 DEFAULT_PREFIX = "model.decoder."
 
-# (HF suffix, vlm path, transpose)
+# (HF key after the prefix, vlm path, HF shape, transpose between HF [out, in] and vlm [in, out])
 _Entry = tuple[str, tuple[str, ...], tuple[int, ...], bool]
 
 

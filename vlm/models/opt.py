@@ -17,8 +17,8 @@ Source of the math: HF transformers 4.57.1 ``transformers/models/opt/modeling_op
   optional ``project_out`` D -> Dw, and the LM head ``lm_head`` [Dw, V] (tied to ``embed_tokens``
   when ``tie_word_embeddings``; then there is no ``lm_head`` parameter).
 
-Parameter tree (names follow the HF keys, see :mod:`vlm.convert.hf_opt`): ``embed_tokens/embedding``,
-``embed_positions/embedding``, ``project_in/kernel``?, ``project_out/kernel``?,
+Parameter tree (names follow the HF keys, see :mod:`vlm.convert.hf_opt`):
+``embed_tokens/embedding``, ``embed_positions/embedding``, ``project_in/kernel``?, ``project_out/kernel``?,
 ``layers_{i}/{self_attn/{q_proj,k_proj,v_proj,out_proj}/{kernel,bias}, self_attn_layer_norm,
 fc1, fc2, final_layer_norm}``, ``final_layer_norm``?, ``lm_head/kernel``?. With
 ``scan_layers=True`` the ``layers_{i}`` subtrees become one ``layers`` subtree with a leading
