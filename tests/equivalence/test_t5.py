@@ -1,4 +1,4 @@
-"""vlm T5 / FlanT5 (``vlm.models.t5``, ``vlm.convert.hf_t5``) against HF ``T5ForConditionalGeneration``.
+"""vlm T5 / FlanT5 (``vlm.models.t5``, ``vlm.convert.hf_t5``) vs HF ``T5ForConditionalGeneration``.
 
 Tiny random float32 models on CPU. Weights are drawn at scale 0.1: T5 does not scale its attention
 scores, so at 0.2 the softmaxes saturate and torch/XLA float32 rounding grows to ~1e-5.

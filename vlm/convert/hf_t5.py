@@ -1,18 +1,21 @@
-"""HF ``T5ForConditionalGeneration`` checkpoints <-> vlm :class:`~vlm.models.t5.T5ForConditionalGeneration` params.
+"""HF ``T5ForConditionalGeneration`` checkpoints <-> vlm ``T5ForConditionalGeneration`` params.
 
 Pure numpy (no torch, no transformers). Key mapping (HF ``transformers/models/t5/modeling_t5.py``
 names; Linear ``weight`` [out, in] -> ``kernel`` [in, out] transposed, T5LayerNorm ``weight`` ->
-``scale``, Embedding ``weight`` -> ``embedding``)::
+``scale``, Embedding ``weight`` -> ``embedding``; S = encoder | decoder)::
 
-  shared.weight                                         shared/embedding
-  {enc|dec}oder.block.0.layer.0.SelfAttention.relative_attention_bias.weight
-                                                        {enc|dec}oder/relative_attention_bias/embedding
-  {stack}.block.{i}.layer.0.layer_norm.weight           {stack}/layers_{i}/layer_0/layer_norm/scale
-  {stack}.block.{i}.layer.0.SelfAttention.{q,k,v,o}.weight   .../layer_0/SelfAttention/{q,k,v,o}/kernel
-  decoder.block.{i}.layer.1.{layer_norm, EncDecAttention.{q,k,v,o}}    decoder/layers_{i}/layer_1/...
-  {stack}.block.{i}.layer.{1 enc | 2 dec}.{layer_norm, DenseReluDense.{wi_0,wi_1,wo | wi,wo}}
-  {stack}.final_layer_norm.weight                       {stack}/final_layer_norm/scale
-  lm_head.weight                                        lm_head/kernel (untied models only)
+  shared.weight                                   shared/embedding
+  S.block.0.layer.0.SelfAttention.relative_attention_bias.weight
+                                                  S/relative_attention_bias/embedding
+  S.block.{i}.layer.0.layer_norm.weight           S/layers_{i}/layer_0/layer_norm/scale
+  S.block.{i}.layer.0.SelfAttention.{q,k,v,o}.weight
+                                        S/layers_{i}/layer_0/SelfAttention/{q,k,v,o}/kernel
+  decoder.block.{i}.layer.1.{layer_norm, EncDecAttention.{q,k,v,o}}
+                                                  decoder/layers_{i}/layer_1/...
+  S.block.{i}.layer.{1 enc | 2 dec}.{layer_norm, DenseReluDense.{wi_0,wi_1,wo | wi,wo}}
+                                                  S/layers_{i}/layer_{1|2}/...
+  S.final_layer_norm.weight                       S/final_layer_norm/scale
+  lm_head.weight                                  lm_head/kernel (untied models only)
 
 ``encoder.embed_tokens.weight`` / ``decoder.embed_tokens.weight`` (and ``lm_head.weight`` of a tied
 model) are tied copies of ``shared.weight``: accepted on load when equal to it, not written (HF

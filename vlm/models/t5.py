@@ -70,7 +70,7 @@ def _residual_dtype(dtype):
 
 
 def _parse_ff_proj(feed_forward_proj: str) -> tuple[str, bool]:
-  """HF ``T5Config.__init__``: ``"gated-ACT"`` or ``"ACT"`` -> (act, gated); "gated-gelu" -> gelu_new."""
+  """HF ``T5Config.__init__``: "gated-ACT" / "ACT" -> (act, gated); "gated-gelu" -> gelu_new."""
   parts = feed_forward_proj.split("-")
   if (len(parts) > 1 and parts[0] != "gated") or len(parts) > 2:
     raise ValueError(f"feed_forward_proj {feed_forward_proj!r} is not of the form 'gated-ACT' or "
@@ -192,7 +192,7 @@ class T5Config:
     }
 
   def num_parameters(self) -> int:
-    """Analytic parameter count of :class:`T5ForConditionalGeneration` (= HF's, tied counted once)."""
+    """Analytic parameter count of :class:`T5ForConditionalGeneration` (HF's; tied: once)."""
     d, inner, ff = self.d_model, self.inner_dim, self.d_ff
     attn = 4 * d * inner
     ffn = (3 if self.is_gated_act else 2) * d * ff
@@ -204,8 +204,9 @@ class T5Config:
 
 
 T5_PRESETS: dict[str, T5Config] = {
-    # google/flan-t5-xl config.json (dense_act_fn "gelu_new" as HF derives it; BLIP-2's
-    # Salesforce/blip2-flan-t5-xl overrides it to "gelu": t5_preset("flan_t5_xl", dense_act_fn="gelu"))
+    # google/flan-t5-xl config.json (dense_act_fn "gelu_new" as HF derives it); BLIP-2's
+    # Salesforce/blip2-flan-t5-xl overrides it to "gelu":
+    # t5_preset("flan_t5_xl", dense_act_fn="gelu")
     "flan_t5_xl": T5Config(vocab_size=32128, d_model=2048, d_kv=64, d_ff=5120, num_layers=24,
                            num_decoder_layers=24, num_heads=32, feed_forward_proj="gated-gelu",
                            tie_word_embeddings=False),
