@@ -8,12 +8,15 @@ its merged row (:func:`vlm.models.qwen3_vl.visual_token_index`).
 Device side (:func:`compiled`): one jitted prefill fills a KV cache of ``prompt_len +
 round_up(max_new_tokens, 32)`` slots (:func:`vlm.models.qwen3.init_cache`; ``Qwen3VL.logits`` is
 intercepted so that only the last position is projected to the vocabulary), then one jitted
-decode call runs the whole token loop on the device as a ``lax.while_loop`` (position ids
-``cache_index + rope_deltas`` on all three MRoPE rows, spec 7.5; the cache is donated and updated
-in place; the loop exits early once every row has stopped). Prompt length, batch size
-(:func:`batch_bucket`) and new-token count are bucketed, so a new request within the buckets does
-not recompile. Greedy (``temperature == 0``) or temperature + nucleus (top-p) sampling; each row stops at its
-first stop token, later positions are filled with ``pad_token_id`` (HF ``generate`` semantics).
+decode call runs the whole token loop on the device as a ``lax.while_loop``: the family-agnostic
+loops of :mod:`vlm.inference.decoding` (:func:`~vlm.inference.decoding.sample_loop`, or
+:func:`~vlm.inference.decoding.beam_search` when ``num_beams > 1``) with the Qwen step (position
+ids ``cache_index + rope_deltas`` on all three MRoPE rows, spec 7.5; the loop exits early once
+every row has stopped). Prompt length, batch size (:func:`batch_bucket`) and new-token count are
+bucketed, so a new request within the buckets does not recompile. Greedy (``temperature == 0``),
+temperature + top-k + nucleus (top-p) sampling, or beam search (HF ``num_beams``,
+``length_penalty``, ``early_stopping``); each row stops at its first stop token, later
+positions are filled with ``pad_token_id`` (HF ``generate`` semantics).
 
 Before compiling, :func:`generate` compares :func:`estimate_generate_memory` (shapes only: params,
 the vision tower's dense [heads, Np, Np] attention over all packed patches, KV cache, prefill
@@ -29,6 +32,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
+from vlm.inference import decoding
+from vlm.inference.decoding import (apply_repetition_penalty, filter_top_k, filter_top_p,  # noqa: F401
+                                    sample_tokens)
 from vlm.models import qwen_vit
 from vlm.models.qwen3 import init_cache
 from vlm.models.qwen3_vl import Qwen2_5_VLConfig, Qwen3VL, visual_token_index
@@ -73,53 +79,6 @@ def left_pad(input_ids, attention_mask, length: int, pad_token_id: int):
   return out, out_mask
 
 
-def filter_top_p(logits, top_p: float):
-  """Nucleus filter: keeps the smallest set of highest-probability tokens whose mass reaches
-  ``top_p`` (always the top token); the rest get ``-inf``. float [B, V] -> float [B, V]."""
-  if top_p >= 1.0:
-    return logits
-  order = jnp.argsort(-logits, axis=-1)
-  sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
-  probs = jax.nn.softmax(sorted_logits, axis=-1)
-  before = jnp.cumsum(probs, axis=-1) - probs  # mass of strictly better tokens
-  keep_sorted = before < top_p
-  keep = jnp.zeros_like(keep_sorted).at[jnp.arange(logits.shape[0])[:, None], order].set(
-      keep_sorted)
-  return jnp.where(keep, logits, -jnp.inf)
-
-
-def filter_top_k(logits, top_k: int):
-  """Top-k filter (HF ``TopKLogitsWarper``): tokens scoring below the k-th largest logit get
-  ``-inf`` (ties with it are kept). ``top_k <= 0`` or ``>= V`` is off. float [B, V] -> [B, V]."""
-  if top_k <= 0 or top_k >= logits.shape[-1]:
-    return logits
-  kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
-  return jnp.where(logits < kth, -jnp.inf, logits)
-
-
-def apply_repetition_penalty(logits, seen, penalty: float):
-  """HF ``RepetitionPenaltyLogitsProcessor`` (CTRL, Keskar et al. 2019, section 4.1): the logit of
-  every token already in the sequence is divided by ``penalty`` when positive and multiplied by
-  it when negative. logits float [B, V]; seen bool [B, V]. ``penalty == 1`` is off."""
-  if penalty == 1.0:
-    return logits
-  penalised = jnp.where(logits < 0, logits * penalty, logits / penalty)
-  return jnp.where(seen, penalised, logits)
-
-
-def sample_tokens(logits, rng, temperature: float, top_p: float, top_k: int = 0):
-  """float [B, V] -> int32 [B]: argmax when ``temperature == 0``, else a draw from
-  ``softmax(filter_top_p(filter_top_k(logits / temperature, top_k), top_p))`` (HF's warper order:
-  temperature, top-k, top-p)."""
-  logits = jnp.asarray(logits, jnp.float32)
-  if temperature == 0.0:
-    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-  # shift by the max first: a tiny temperature then tends to greedy instead of overflowing
-  scaled = (logits - jnp.max(logits, axis=-1, keepdims=True)) / temperature
-  filtered = filter_top_p(filter_top_k(scaled, top_k), top_p)
-  return jax.random.categorical(rng, filtered, axis=-1).astype(jnp.int32)
-
-
 def batch_bucket(batch: int) -> int:
   """Batch sizes compiled for: 1, 2, 4, 8, then multiples of 8 (extra rows are copies of row 0,
   finished from the start, and dropped from the output)."""
@@ -128,30 +87,56 @@ def batch_bucket(batch: int) -> int:
   return 1 << (batch - 1).bit_length() if batch <= 8 else _round_up(batch, 8)
 
 
+QWEN_CACHE_AXES = {"k": 1, "v": 1, "mask": 0}
+"""Batch axis of each leaf of :func:`vlm.models.qwen3.init_cache`'s cache (for
+:func:`vlm.inference.decoding.beam_search`)."""
+
+
 class GenerateFns(NamedTuple):
-  """The two jitted device functions of :func:`generate` for one model and sampling setting.
+  """The jitted device functions of :func:`generate` for one model and sampling setting.
 
   ``prefill(params, input_ids, position_ids, attention_mask, pixel_values, vision_tables,
-  visual_token_index, kv_cache, rng, seen) -> (first_token int32 [B], kv_cache)``: the vision
-  tower and the whole prompt through the decoder into an empty cache; only the last position is
-  projected to the vocabulary. ``seen`` is bool [B, V] (tokens already in each sequence, for the
-  repetition penalty) or None when the penalty is off.
+  visual_token_index, kv_cache, rng, seen) -> (first_logits float32 [B, V], kv_cache)``: the
+  vision tower and the whole prompt through the decoder into an empty cache; only the last
+  position is projected to the vocabulary (``rng`` and ``seen`` are not read: the first token is
+  picked by the decode loop).
 
-  ``decode(params, first_token, kv_cache, rope_deltas, prompt_len, max_new_tokens, eos, rng,
-  done, seen) -> (tokens int32 [B, N], steps int32 [])``: the decode loop as one ``lax.while_loop`` on
-  the device (no host round trip per token). ``rope_deltas`` int32 [B, 1]; ``prompt_len`` (static
+  ``decode(params, first_logits, kv_cache, rope_deltas, prompt_len, max_new_tokens, eos, rng,
+  done, seen, min_new_tokens=None) -> (tokens int32 [B, N], steps int32 [])``:
+  :func:`vlm.inference.decoding.sample_loop` with the Qwen step (one ``lax.while_loop`` on the
+  device, no host round trip per token). ``rope_deltas`` int32 [B, 1]; ``prompt_len`` (static
   int) is the prompt bucket; ``N = T - prompt_len`` is the output width (cache slots ``T`` minus
-  the prompt); ``max_new_tokens`` (int32 scalar, <= N), ``eos`` (int32 [S]) and ``done`` (bool
-  [B], rows finished from the start, e.g. batch padding) are data, so none recompiles. Row ``b``
-  stops after its first stop token; the loop ends when every row has stopped; later slots hold
-  ``pad_token_id``. ``steps`` counts decoder calls after the prefill (for benchmarks). Token
-  ``i`` is sampled with ``fold_in(rng, i)``.
+  the prompt); ``max_new_tokens`` (int32 scalar, <= N), ``eos`` (int32 [S], padded with -1),
+  ``done`` (bool [B], rows finished from the start, e.g. batch padding) and ``min_new_tokens``
+  (int32 scalar, None = 0) are data, so none recompiles. Row ``b`` stops after its first stop
+  token; later slots hold ``pad_token_id``. ``steps`` counts decoder calls after the prefill.
+  Token ``i`` is sampled with ``fold_in(rng, i)``; ``seen`` is bool [B, V] (tokens already in
+  each sequence, for the repetition penalty) or None when the penalty is off.
+
+  ``beam(params, first_logits, kv_cache, rope_deltas, prompt_len, max_new_tokens, eos, done,
+  min_new_tokens, num_beams, length_penalty, early_stopping) -> (tokens int32 [B, N], scores
+  float32 [B])``: :func:`vlm.inference.decoding.beam_search` with the Qwen step (the ``B``-row
+  prefill cache is repeated for the beams inside); ``prompt_len``, ``num_beams``,
+  ``length_penalty`` and ``early_stopping`` are static.
   """
   prefill: Any
   decode: Any
+  beam: Any = None
 
 
 _COMPILED: dict = {}
+
+
+def _qwen_step(model, deltas):
+  """The :mod:`vlm.inference.decoding` step of a :class:`Qwen3VL`: token ``tok`` [N] at cache slot
+  ``index``, MRoPE position ``index + rope_deltas`` on all three rows (spec 7.5)."""
+  def step(params, tok, cache, index):
+    n = tok.shape[0]
+    pos = jnp.broadcast_to((index + deltas)[None], (3, n, 1)).astype(jnp.int32)
+    logits, cache = model.apply({"params": params}, tok[:, None], pos, jnp.ones((n, 1), bool),
+                                kv_cache=cache, cache_index=index)
+    return jnp.asarray(logits[:, -1], jnp.float32), cache
+  return step
 
 
 def compiled(model, temperature: float, top_p: float, pad_token_id: int, top_k: int = 0,
@@ -159,9 +144,6 @@ def compiled(model, temperature: float, top_p: float, pad_token_id: int, top_k: 
   """:class:`GenerateFns` jitted for one model / sampling setting, cached so that repeated
   :func:`generate` calls reuse the compilations (one per prompt, batch and new-token bucket)."""
   key = (id(model), temperature, top_p, pad_token_id, top_k, repetition_penalty)
-  pick = lambda logits, seen, rng: sample_tokens(
-      apply_repetition_penalty(jnp.asarray(logits, jnp.float32), seen, repetition_penalty), rng,
-      temperature, top_p, top_k)
   if key in _COMPILED and _COMPILED[key][0] is model:
     return _COMPILED[key][1]
 
@@ -172,45 +154,33 @@ def compiled(model, temperature: float, top_p: float, pad_token_id: int, top_k: 
     return next_fun(*args, **kwargs)
 
   def prefill(params, ids, pos, mask, pixels, tables, index, cache, rng, seen):
+    del rng, seen  # the first token is picked by the decode loop
     with nn.intercept_methods(last_only):
       logits, cache = model.apply({"params": params}, ids, pos, mask, pixels, tables, index,
                                   cache, 0)
-    return pick(logits[:, -1], seen, rng), cache
+    return jnp.asarray(logits[:, -1], jnp.float32), cache
 
-  def decode(params, first, cache, deltas, prompt_len, max_new, eos, rng, done, seen):
-    b = first.shape[0]
-    rows = jnp.arange(b)
-    n = cache["mask"].shape[1] - prompt_len  # static: an int, part of the compile key
-    is_eos = lambda t: (t[:, None] == eos[None, :]).any(-1)
-    out = jnp.full((b, n), pad_token_id, jnp.int32).at[:, 0].set(first)
-    done = done | is_eos(first)
-    real = jnp.ones((b, 1), bool)
-    start = jnp.asarray(prompt_len, jnp.int32)
+  def decode(params, first, cache, deltas, prompt_len, max_new, eos, rng, done, seen,
+             min_new=None):
+    return decoding.sample_loop(
+        _qwen_step(model, deltas), params, first, cache, start_index=prompt_len,
+        width=cache["mask"].shape[1] - prompt_len, max_new_tokens=max_new, eos=eos,
+        pad_token_id=pad_token_id, temperature=temperature, top_p=top_p, top_k=top_k,
+        repetition_penalty=repetition_penalty, seen=seen,
+        min_new_tokens=0 if min_new is None else min_new, rng=rng, done=done)
 
-    mark = lambda seen, tok: None if seen is None else seen.at[rows, tok].set(True)
-    seen = mark(seen, first)
-
-    def cond(carry):
-      i, _, _, done, _, _ = carry
-      return (i < max_new) & ~done.all()
-
-    def body(carry):
-      i, cache, out, done, tok, seen = carry
-      index = start + i - 1  # slot of the token fed now (token i - 1)
-      pos = jnp.broadcast_to((index + deltas)[None], (3, b, 1)).astype(jnp.int32)
-      logits, cache = model.apply({"params": params}, tok[:, None], pos, real, kv_cache=cache,
-                                  cache_index=index)
-      new = pick(logits[:, -1], seen, jax.random.fold_in(rng, i))
-      new = jnp.where(done, pad_token_id, new)
-      out = jax.lax.dynamic_update_slice(out, new[:, None], (0, i))
-      return i + 1, cache, out, done | is_eos(new), new, mark(seen, new)
-
-    init = (jnp.asarray(1, jnp.int32), cache, out, done, first, seen)
-    steps, _, out, _, _, _ = jax.lax.while_loop(cond, body, init)
-    return out, steps - 1
+  def beam(params, first, cache, deltas, prompt_len, max_new, eos, done, min_new, num_beams,
+           length_penalty, early_stopping):
+    return decoding.beam_search(
+        _qwen_step(model, jnp.repeat(deltas, num_beams, axis=0)), params, first, cache,
+        QWEN_CACHE_AXES, start_index=prompt_len, width=cache["mask"].shape[1] - prompt_len,
+        num_beams=num_beams, max_new_tokens=max_new, eos=eos, pad_token_id=pad_token_id,
+        length_penalty=length_penalty, early_stopping=early_stopping, min_new_tokens=min_new,
+        done=done)
 
   fns = GenerateFns(jax.jit(prefill, donate_argnums=(7,)),
-                    jax.jit(decode, static_argnums=(4,)))  # the loop carry is updated in place
+                    jax.jit(decode, static_argnums=(4,)),  # the loop carry is updated in place
+                    jax.jit(beam, static_argnums=(4, 9, 10, 11)))
   if len(_COMPILED) > 16:
     _COMPILED.clear()
   _COMPILED[key] = (model, fns)
@@ -336,7 +306,8 @@ def estimate_generate_memory(model, params, batch: Mapping[str, Any], max_new_to
                              prompt_bucket: int = PROMPT_BUCKET,
                              new_token_bucket: int = NEW_TOKEN_BUCKET,
                              max_patches: int | None = None,
-                             repetition_penalty: float = 1.0) -> dict[str, int]:
+                             repetition_penalty: float = 1.0,
+                             num_beams: int = 1) -> dict[str, int]:
   """Estimated peak memory of one :func:`generate` call, in bytes, from shapes only.
 
   An estimate, not a measurement: XLA may fuse or reuse buffers (lower) or keep extra temporaries
@@ -357,13 +328,15 @@ def estimate_generate_memory(model, params, batch: Mapping[str, Any], max_new_to
     ``[Np, Np]``: quadratic in Np.
   * ``vision_activations``: per patch the float32 pixels, the residual stream, qkv, attention
     output and MLP hidden in ``isz``, plus the merged features and DeepStack copies.
-  * ``kv_cache``: keys and values ``2 x [layers, B, kv_heads, T, head_dim]`` in ``isz``.
+  * ``kv_cache``: keys and values ``2 x [layers, B, kv_heads, T, head_dim]`` in ``isz``; with
+    ``num_beams = n > 1`` the prefill cache of B rows plus its repetition for the beams, B * n
+    rows (both exist while the beams' copy is made).
   * ``prefill_attention``: one decoder layer's float32 scores and softmax ``[B, heads, Lp, Lp]``.
   * ``prefill_activations``: the residual stream, embeddings and DeepStack features, q/k/v and
     the MLP hidden (all experts for an MoE decoder: prefill runs them densely) for ``[B, Lp]``
     tokens: linear in Lp.
-  * ``decode``: float32 logits ``[B, V]`` with the sampler's sort buffers, and the repetition
-    penalty's ``[B, V]`` mask.
+  * ``decode``: float32 logits ``[B * n, V]`` with the sampler's sort buffers (beam search: the
+    log-probabilities and candidate scores), and the repetition penalty's ``[B, V]`` mask.
   * ``total``: ``params + kv_cache + decode + max(vision phase, decoder prefill phase)``; the
     two phases run one after the other inside the prefill program.
 
@@ -373,7 +346,8 @@ def estimate_generate_memory(model, params, batch: Mapping[str, Any], max_new_to
     batch: processor output, or a dict with the same ``input_ids`` / ``attention_mask`` /
       ``image_grid_thw`` / ``video_grid_thw`` shapes.
     max_new_tokens: as :func:`generate`.
-    prompt_bucket, new_token_bucket, max_patches, repetition_penalty: as :func:`generate`.
+    prompt_bucket, new_token_bucket, max_patches, repetition_penalty, num_beams: as
+      :func:`generate`.
 
   Returns:
     dict of int bytes with the keys above.
@@ -410,14 +384,16 @@ def estimate_generate_memory(model, params, batch: Mapping[str, Any], max_new_to
       + isz * (1 + n_deep) * vis.out_hidden_size // unit)
 
   hd, d = text.head_dim, text.hidden_size
-  out["kv_cache"] = 2 * text.num_hidden_layers * b * text.num_key_value_heads * t * hd * isz + b * t
+  rows = b * (num_beams + 1) if num_beams > 1 else b
+  out["kv_cache"] = (2 * text.num_hidden_layers * rows * text.num_key_value_heads * t * hd * isz
+                     + rows * t)
   out["prefill_attention"] = b * lp * lp * (text.num_attention_heads * (8 + extra_probs) + 1)
   mlp = (text.num_experts * text.moe_intermediate_size if text.num_experts
          else text.intermediate_size)
   qkv = (text.num_attention_heads + 2 * text.num_key_value_heads) * hd
   out["prefill_activations"] = b * lp * isz * ((4 + n_deep) * d + qkv + 3 * mlp)
   v = text.vocab_size
-  out["decode"] = b * v * (4 * 3 + (1 if repetition_penalty != 1.0 else 0))
+  out["decode"] = b * num_beams * v * 4 * 3 + (b * v if repetition_penalty != 1.0 else 0)
   vision_phase = out["vision_attention"] + out["vision_activations"]
   prefill_phase = out["prefill_attention"] + out["prefill_activations"]
   out["total"] = (out["params"] + out["kv_cache"] + out["decode"]
@@ -497,7 +473,9 @@ def generate(model, params, batch: Mapping[str, Any], *, max_new_tokens: int,
              eos_token_ids: int | Sequence[int], pad_token_id: int, temperature: float = 0.0,
              top_p: float = 1.0, top_k: int = 0, repetition_penalty: float = 1.0, rng=None,
              max_patches: int | None = None, prompt_bucket: int = PROMPT_BUCKET,
-             new_token_bucket: int = NEW_TOKEN_BUCKET, check_memory: bool = True) -> np.ndarray:
+             new_token_bucket: int = NEW_TOKEN_BUCKET, check_memory: bool = True,
+             num_beams: int = 1, length_penalty: float = 1.0,
+             early_stopping: bool | str = False, min_new_tokens: int = 0) -> np.ndarray:
   """Generates up to ``max_new_tokens`` tokens after each prompt of a batch.
 
   Args:
@@ -524,12 +502,26 @@ def generate(model, params, batch: Mapping[str, Any], *, max_new_tokens: int,
     check_memory: before compiling, compare :func:`estimate_generate_memory` with
       :func:`device_memory_limit` and raise :class:`GenerateMemoryError` if it does not fit
       (arithmetic on shapes only; False skips it).
+    num_beams: 1 = greedy / sampling; > 1 = beam search with that many beams (HF
+      ``generate(num_beams=n, do_sample=False)``, :func:`vlm.inference.decoding.beam_search`;
+      the best finished hypothesis of each row is returned). Greedy only: no sampling and no
+      repetition penalty with beams.
+    length_penalty: beam search: hypotheses are ranked by ``sum_logprobs / new_tokens **
+      length_penalty`` (HF's default 1.0).
+    early_stopping: beam search: ``False`` (HF default: stop a row when the best running beam
+      cannot beat the worst of ``num_beams`` finished ones at its current length), ``True``
+      (stop a row once it has ``num_beams`` finished hypotheses) or ``"never"``.
+    min_new_tokens: the stop ids are masked until this many tokens are generated (HF
+      ``MinNewTokensLengthLogitsProcessor``); data, so it does not recompile.
   Returns:
     int64 numpy [B, max_new_tokens].
   Raises:
     ValueError: bad sampling settings (non-finite temperature, top_p outside (0, 1], negative
-      top_k, non-positive repetition penalty, a missing or malformed rng when sampling), stop
-      ids that are not ints in the vocabulary, or bad inputs (see :func:`prepare_inputs`).
+      top_k, non-positive repetition penalty, a missing or malformed rng when sampling), bad
+      beam settings (``num_beams`` < 1, sampling or a repetition penalty with ``num_beams >
+      1``, ``early_stopping`` not True/False/"never", non-finite ``length_penalty``), a
+      negative ``min_new_tokens``, stop ids that are not ints in the vocabulary, or bad inputs
+      (see :func:`prepare_inputs`).
     GenerateMemoryError: (a ValueError) with ``check_memory``, a request estimated not to fit.
   """
   if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
@@ -544,6 +536,21 @@ def generate(model, params, batch: Mapping[str, Any], *, max_new_tokens: int,
     raise ValueError(f"top_k must be >= 0 (0 = off), got {top_k}")
   if not repetition_penalty > 0:
     raise ValueError(f"repetition_penalty must be > 0 (1.0 = off), got {repetition_penalty}")
+  if (not isinstance(num_beams, (int, np.integer)) or isinstance(num_beams, bool)
+      or num_beams < 1):
+    raise ValueError(f"num_beams must be an int >= 1 (1 = no beam search), got {num_beams!r}")
+  if num_beams > 1 and temperature > 0:
+    raise ValueError(f"beam search (num_beams={num_beams}) is greedy here: pass temperature=0 "
+                     "(sampling with beams is not supported), or num_beams=1 to sample")
+  if num_beams > 1 and repetition_penalty != 1.0:
+    raise ValueError(f"beam search (num_beams={num_beams}) does not take a repetition penalty: "
+                     "pass repetition_penalty=1.0, or num_beams=1")
+  if not np.isfinite(length_penalty):
+    raise ValueError(f"length_penalty must be finite, got {length_penalty}")
+  if early_stopping not in (True, False, "never") or not isinstance(early_stopping, (bool, str)):
+    raise ValueError(f"early_stopping must be True, False or 'never', got {early_stopping!r}")
+  if not isinstance(min_new_tokens, (int, np.integer)) or min_new_tokens < 0:
+    raise ValueError(f"min_new_tokens must be an int >= 0, got {min_new_tokens!r}")
   if temperature > 0 and rng is None:
     raise ValueError("sampling (temperature > 0) needs rng=jax.random.PRNGKey(seed)")
   if rng is None:
@@ -571,7 +578,7 @@ def generate(model, params, batch: Mapping[str, Any], *, max_new_tokens: int,
   if check_memory:
     check_generate_memory(model, params, batch, max_new_tokens, prompt_bucket=prompt_bucket,
                           new_token_bucket=new_token_bucket, max_patches=max_patches,
-                          repetition_penalty=repetition_penalty)
+                          repetition_penalty=repetition_penalty, num_beams=int(num_beams))
   b, lp = inp["input_ids"].shape
   bb = batch_bucket(b)
   rows = np.concatenate([np.arange(b), np.zeros(bb - b, np.int64)])  # filler rows copy row 0
@@ -589,16 +596,22 @@ def generate(model, params, batch: Mapping[str, Any], *, max_new_tokens: int,
     seen[np.arange(b)[:, None], given] = True
     seen = jnp.asarray(seen[rows])
   cache = init_cache(config.text, bb, lp + width, model.dtype)
-  rng_prefill, rng_decode = jax.random.split(rng)
   pixels = None if inp["pixel_values"] is None else jnp.asarray(inp["pixel_values"])
   first, cache = fns.prefill(
       params, jnp.asarray(take_rows(inp["input_ids"])),
       jnp.asarray(np.asarray(inp["position_ids"])[:, rows]),
       jnp.asarray(take_rows(inp["attention_mask"])), pixels, inp["vision_tables"],
-      take_rows(inp["visual_token_index"]), cache, rng_prefill, seen)
-  out, _ = fns.decode(params, first, cache, jnp.asarray(take_rows(inp["rope_deltas"]), jnp.int32), lp,
-                      jnp.asarray(max_new_tokens, jnp.int32), jnp.asarray(eos), rng_decode,
-                      jnp.asarray(np.arange(bb) >= b), seen)
+      take_rows(inp["visual_token_index"]), cache, rng, seen)
+  deltas = jnp.asarray(take_rows(inp["rope_deltas"]), jnp.int32)
+  done = jnp.asarray(np.arange(bb) >= b)
+  scalars = (jnp.asarray(max_new_tokens, jnp.int32), jnp.asarray(eos))
+  if num_beams > 1:
+    out, _ = fns.beam(params, first, cache, deltas, lp, *scalars, done,
+                      jnp.asarray(min_new_tokens, jnp.int32), int(num_beams),
+                      float(length_penalty), early_stopping)
+  else:
+    out, _ = fns.decode(params, first, cache, deltas, lp, *scalars, rng, done, seen,
+                        jnp.asarray(min_new_tokens, jnp.int32))
   return np.asarray(out)[:b, :max_new_tokens].astype(np.int64)
 
 
