@@ -51,6 +51,11 @@ def define_flags():
   flags.DEFINE_float("repetition_penalty", None, "HF repetition penalty (default: "
                      "generation_config.json, else 1.0 = off).")
   flags.DEFINE_integer("seed", 0, "Sampling seed.")
+  flags.DEFINE_integer("num_beams", 1, "Beam search with this many beams (HF generate(num_beams=n, "
+                       "do_sample=False)); > 1 decodes greedily (the checkpoint's sampling "
+                       "settings are ignored). 1 = greedy / sampling.")
+  flags.DEFINE_float("length_penalty", 1.0, "Beam search: hypotheses ranked by sum of log-probs / "
+                     "new_tokens ** length_penalty (> 0 favours longer answers).")
   flags.DEFINE_integer(
       "max_pixels", DEFAULT_MAX_PIXELS,
       "Image pixel budget: larger images are downscaled (aspect kept) to at most this many "
@@ -123,7 +128,7 @@ def _resized_batch(batch, config, image_size, video_budget: int | None):
 
 
 def check_memory(model, params, batch, max_new_tokens: int, config, image_size=None,
-                 has_video: bool = False) -> dict:
+                 has_video: bool = False, num_beams: int = 1) -> dict:
   """Estimates the request's memory and raises if it does not fit, suggesting budgets that do.
 
   Args:
@@ -131,6 +136,7 @@ def check_memory(model, params, batch, max_new_tokens: int, config, image_size=N
     config: the processor config the batch was made with.
     image_size: (width, height) of the source image, or None.
     has_video: the batch holds a video.
+    num_beams: beams of the generation (the KV cache and logits count ``batch x num_beams``).
 
   Returns:
     The estimate (:func:`vlm.inference.generate.estimate_generate_memory`).
@@ -145,7 +151,7 @@ def check_memory(model, params, batch, max_new_tokens: int, config, image_size=N
 
   from vlm.inference import generate as G
 
-  est = G.estimate_generate_memory(model, params, batch, max_new_tokens)
+  est = G.estimate_generate_memory(model, params, batch, max_new_tokens, num_beams=num_beams)
   limit = G.device_memory_limit()
   if limit is None or est["total"] <= limit:
     return est
@@ -177,7 +183,8 @@ def check_memory(model, params, batch, max_new_tokens: int, config, image_size=N
       shapes = _resized_batch(batch, cand, image_size, video_budget)
       if shapes is None:
         continue
-      trial = G.estimate_generate_memory(model, params, shapes, max_new_tokens)
+      trial = G.estimate_generate_memory(model, params, shapes, max_new_tokens,
+                                         num_beams=num_beams)
       if trial["total"] <= limit:
         fix = (cand, video_budget, shapes, trial)
         break
@@ -217,11 +224,14 @@ def _report(path: str, image_size, batch, config) -> None:
 def run(checkpoint: str, image: str | None, prompt: str, video: str | None = None,
         max_new_tokens: int = 20, temperature: float | None = None, top_p: float | None = None,
         seed: int = 0, max_pixels: int | None = DEFAULT_MAX_PIXELS, top_k: int | None = None,
-        repetition_penalty: float | None = None, video_max_pixels: int | None = None) -> str:
+        repetition_penalty: float | None = None, video_max_pixels: int | None = None,
+        num_beams: int = 1, length_penalty: float = 1.0) -> str:
   """Loads ``checkpoint``, generates for one chat turn and returns the decoded answer.
 
   Sampling settings left None come from the checkpoint's ``generation_config.json``
   (:func:`vlm.inference.generate.load_generation_config`), else greedy without filters.
+  ``num_beams > 1`` runs beam search (greedy: the checkpoint's sampling settings are ignored;
+  an explicit ``temperature > 0`` is refused) with ``length_penalty``.
   ``max_pixels`` (default :data:`DEFAULT_MAX_PIXELS`) / ``video_max_pixels`` replace the
   processor's pixel budgets; None or 0 keeps the checkpoint's own.
 
@@ -264,14 +274,19 @@ def run(checkpoint: str, image: str | None, prompt: str, video: str | None = Non
   if image is not None:
     _report(image, image_size, batch, processor.config)
   check_memory(model, params, batch, max_new_tokens, processor.config, image_size,
-               video is not None)
+               video is not None, num_beams=num_beams)
   tok = processor.tokenizer
   settings = dict(eos_token_ids=[tok.eos_token_id, tok.pad_token_id],
                   pad_token_id=tok.pad_token_id)
   settings.update(G.load_generation_config(checkpoint))
   given = dict(temperature=temperature, top_p=top_p, top_k=top_k,
                repetition_penalty=repetition_penalty)
+  if num_beams > 1:  # beam search is greedy: drop the checkpoint's sampling defaults
+    for key in ("temperature", "top_p", "top_k"):
+      settings.pop(key, None)
   settings.update({k: v for k, v in given.items() if v is not None})
+  if num_beams > 1:
+    settings.update(num_beams=num_beams, length_penalty=length_penalty)
   eos = settings["eos_token_ids"]
   out = G.generate(model, params, batch, max_new_tokens=max_new_tokens,
                    rng=jax.random.PRNGKey(seed), check_memory=False, **settings)
@@ -286,7 +301,8 @@ def main(argv):
   del argv
   print(run(FLAGS.checkpoint, FLAGS.image, FLAGS.prompt, FLAGS.video, FLAGS.max_new_tokens,
             FLAGS.temperature, FLAGS.top_p, FLAGS.seed, FLAGS.max_pixels, FLAGS.top_k,
-            FLAGS.repetition_penalty, FLAGS.video_max_pixels))
+            FLAGS.repetition_penalty, FLAGS.video_max_pixels, FLAGS.num_beams,
+            FLAGS.length_penalty))
 
 
 if __name__ == "__main__":
