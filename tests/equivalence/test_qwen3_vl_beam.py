@@ -16,7 +16,7 @@ from transformers import Qwen3VLConfig as HFConfig, Qwen3VLForConditionalGenerat
 
 import vlm
 from tests.equivalence.qwen_hf_utils import randomize_hf
-from vlm.inference.generate import compiled, generate
+from vlm.inference.generate import compiled, estimate_generate_memory, generate
 
 IMG, VID, VS, VE, PAD, GEN_PAD = 250, 251, 252, 253, 0, 249
 VISION = dict(depth=1, hidden_size=32, num_heads=2, intermediate_size=64, out_hidden_size=64,
@@ -110,3 +110,14 @@ def test_beam_settings_are_checked(models):
                      (dict(min_new_tokens=-1), "min_new_tokens")]:
     with pytest.raises(ValueError, match=match):
       generate(model, params, batch, **kw, **bad)
+
+
+def test_memory_estimate_counts_beams(models):
+  _, model, params = models
+  ids, mask, _ = _inputs()
+  batch = dict(input_ids=ids, attention_mask=mask, image_grid_thw=GRID)
+  one = estimate_generate_memory(model, params, batch, NEW)
+  five = estimate_generate_memory(model, params, batch, NEW, num_beams=5)
+  assert five["kv_cache"] == 6 * one["kv_cache"]  # the prefill's B rows + B * 5 beam rows
+  assert five["decode"] == 5 * one["decode"]
+  assert five["prefill_activations"] == one["prefill_activations"]  # the prefill runs B rows
