@@ -222,7 +222,10 @@ class Blip2Generator:
         ``rng``), e.g. CapFilt's nucleus sampling (top_p 0.9).
       eos_token_ids: stop ids (default :func:`default_eos`).
     Returns:
-      int64 [B, max_new_tokens]; after a row's stop token: the pad id.
+      int64 [B, max_new_tokens]; after a row's stop token: the pad id. (HF 4.57.1 beam search
+      fills there with ``pad_token_id or eos_token_id``, so with T5's pad id 0 it repeats the
+      EOS instead; the tokens up to each row's first stop token are the same, as checked in
+      tests/equivalence/test_blip2_stage2.py.)
     Raises:
       ValueError: bad settings or prompts (empty, too long, not text), shapes.
     """
