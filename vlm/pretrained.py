@@ -4,7 +4,10 @@ Dispatches on ``config.json``'s ``model_type``:
   * ``qwen3_vl``, ``qwen3_vl_moe`` -> :class:`vlm.models.qwen3_vl.Qwen3VL` +
     :class:`vlm.data.qwen_processor.Qwen3VLProcessor` (left padding, for generation);
   * ``qwen2_5_vl`` -> :class:`vlm.models.qwen3_vl.Qwen2_5_VL` + ``Qwen2_5_VLProcessor``;
-  * ``blip-2`` -> :class:`vlm.models.blip2.Blip2Stage1` + :class:`vlm.data.text.Blip2Tokenizer`.
+  * ``blip-2`` with ``architectures: [Blip2ForConditionalGeneration]`` (OPT or FlanT5) ->
+    :class:`vlm.models.blip2.Blip2Stage2` + its :class:`vlm.data.llm_tokenizers.LLMTokenizer`;
+  * other ``blip-2`` (retrieval) -> :class:`vlm.models.blip2.Blip2Stage1` +
+    :class:`vlm.data.text.Blip2Tokenizer`.
 Weights are read by :mod:`vlm.convert.hf_qwen3_vl` / :mod:`vlm.convert.hf_blip2`.
 """
 from __future__ import annotations
@@ -43,6 +46,13 @@ def _qwen_processor(path: str, config) -> Any:
   return cls(pcfg, padding_side="left")
 
 
+def _is_blip2_stage2(cfg_file: str) -> bool:
+  """An HF BLIP-2 config of ``Blip2ForConditionalGeneration`` (a language model attached)."""
+  with open(cfg_file) as fh:
+    d = json.load(fh)
+  return "Blip2ForConditionalGeneration" in (d.get("architectures") or [])
+
+
 def load_pretrained(path: str | os.PathLike, *, dtype: Any = None, param_dtype: Any = None,
                     scan_layers: bool = False, remat: bool = False,
                     moe_implementation: str | None = None) -> tuple[Any, dict, Any]:
@@ -53,8 +63,8 @@ def load_pretrained(path: str | os.PathLike, *, dtype: Any = None, param_dtype: 
     dtype: compute dtype of the module (default float32), e.g. ``jnp.bfloat16``.
     param_dtype: dtype of the returned parameters (default float32; ``jnp.bfloat16`` keeps a
       bf16 checkpoint at half the memory).
-    scan_layers, remat: Qwen only: decoder layers under ``nn.scan`` (parameters returned stacked,
-      ``language_model/layers``) and rematerialised, for training; see :class:`Qwen3VL`.
+    scan_layers, remat: Qwen and BLIP-2 stage 2: decoder layers under ``nn.scan`` (parameters
+      returned stacked, ``language_model/layers``) and rematerialised, for training.
     moe_implementation: Qwen MoE only: ``"auto"``, ``"dense"``, ``"ragged"`` or ``"gather"``
       expert evaluation (``Qwen3TextConfig.moe_implementation``); None keeps the default
       ("auto").
@@ -93,6 +103,17 @@ def load_pretrained(path: str | os.PathLike, *, dtype: Any = None, param_dtype: 
     model = cls(config, dtype=dtype, param_dtype=param_dtype, scan_layers=scan_layers,
                 remat=remat)
     return model, params, _qwen_processor(path, config)
+  if model_type in BLIP2_TYPES and _is_blip2_stage2(cfg_file):
+    if moe_implementation is not None:
+      raise ValueError(f"moe_implementation applies to Qwen checkpoints only; {path} is BLIP-2")
+    from vlm.convert.hf_blip2 import load_hf_blip2_stage2
+    from vlm.data.llm_tokenizers import llm_tokenizer
+    from vlm.models.blip2 import Blip2Stage2
+    config, params = load_hf_blip2_stage2(path, scan_layers=scan_layers)
+    params = jax.tree_util.tree_map(lambda x: jnp.asarray(x, param_dtype), params)
+    model = Blip2Stage2(config, dtype=dtype, param_dtype=param_dtype, scan_layers=scan_layers,
+                        remat=remat)
+    return model, params, llm_tokenizer(config.llm_kind)
   if model_type in BLIP2_TYPES:
     if scan_layers or remat or moe_implementation is not None:
       raise ValueError("scan_layers, remat and moe_implementation apply to Qwen checkpoints only; "

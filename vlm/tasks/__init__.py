@@ -90,6 +90,7 @@ import numpy as np
 # name -> module path; imported on first use so that a task's heavy imports stay lazy.
 TASKS: dict[str, str] = {
     "blip2_stage1": "vlm.tasks.blip2_stage1",
+    "blip2_stage2": "vlm.tasks.blip2_stage2",  # OPT / FlanT5 behind the Q-Former
     "qwen_vl": "vlm.tasks.qwen_vl",  # Qwen3-VL / Qwen2.5-VL stages A, B, C and SFT
 }
 

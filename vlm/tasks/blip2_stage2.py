@@ -262,9 +262,11 @@ def warmup_language_model(config, model, params, shardings):
   tx = optax.adamw(lr, b1=0.9, b2=0.98, weight_decay=0.01)
   opt_state = jax.jit(tx.init)(lm)
 
-  def loss(lm_params, batch, key):
+  rest = {k: v for k, v in params.items() if k != "language_model"}
+
+  def loss(lm_params, rest, batch, key):
     from vlm.objectives.lm import next_token_loss_mean
-    v = {"params": {"language_model": lm_params}}  # the LM's forward touches nothing else
+    v = {"params": dict(rest, language_model=lm_params)}
 
     def forward(m, b):
       ids, mask = b["input_ids"], b["attention_mask"]
@@ -282,8 +284,8 @@ def warmup_language_model(config, model, params, shardings):
     return next_token_loss_mean(h, head, y, w)[0]
 
   @jax.jit
-  def step(lm_params, opt_state, batch, key):
-    value, grads = jax.value_and_grad(loss)(lm_params, batch, key)
+  def step(lm_params, rest, opt_state, batch, key):
+    value, grads = jax.value_and_grad(loss)(lm_params, rest, batch, key)
     updates, opt_state = tx.update(grads, opt_state, lm_params)
     return optax.apply_updates(lm_params, updates), opt_state, value
 
@@ -292,7 +294,7 @@ def warmup_language_model(config, model, params, shardings):
   for i in range(steps):
     chunk = rows[i * batch_size:(i + 1) * batch_size]
     batch = {k: np.stack([r[k] for r in chunk]) for k in chunk[0]}
-    lm, opt_state, value = step(lm, opt_state, batch, jax.random.fold_in(key, i))
+    lm, opt_state, value = step(lm, rest, opt_state, batch, jax.random.fold_in(key, i))
     if i == 0 or (i + 1) % max(1, steps // 5) == 0:
       losses.append(float(value))
       log.info("LLM warm-up step %d/%d: loss %.3f", i + 1, steps, losses[-1])
