@@ -38,7 +38,10 @@ import jax.numpy as jnp
 NEG = -1.0e9  # HF's "impossible" score for beams (added, not -inf, so sums stay finite)
 
 
-def _filter_top_p(logits, top_p: float):
+def filter_top_p(logits, top_p: float):
+  """Nucleus filter (Holtzman et al. 2020; HF ``TopPLogitsWarper``): keeps the smallest set of
+  highest-probability tokens whose mass reaches ``top_p`` (always the top token); the rest get
+  ``-inf``. float [B, V] -> float [B, V]; ``top_p >= 1`` is off."""
   if top_p >= 1.0:
     return logits
   order = jnp.argsort(-logits, axis=-1)
@@ -49,13 +52,6 @@ def _filter_top_p(logits, top_p: float):
   keep = jnp.zeros_like(keep_sorted).at[jnp.arange(logits.shape[0])[:, None], order].set(
       keep_sorted)
   return jnp.where(keep, logits, -jnp.inf)
-
-
-def filter_top_p(logits, top_p: float):
-  """Nucleus filter (Holtzman et al. 2020; HF ``TopPLogitsWarper``): keeps the smallest set of
-  highest-probability tokens whose mass reaches ``top_p`` (always the top token); the rest get
-  ``-inf``. float [B, V] -> float [B, V]; ``top_p >= 1`` is off."""
-  return _filter_top_p(logits, top_p)
 
 
 def filter_top_k(logits, top_k: int):
