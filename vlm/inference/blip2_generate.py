@@ -59,7 +59,7 @@ def check_prompt(tokenizer, prompt: str, name: str = "prompt", *, allow_empty: b
   """
   if not isinstance(prompt, str):
     raise ValueError(f"{name} must be a string, got {type(prompt).__name__}: {prompt!r}")
-  if not prompt.strip() and not allow_empty:
+  if not prompt.strip() and (prompt or not allow_empty):  # "" may mean "no prompt"; "  " never
     raise ValueError(f"{name} is empty: give the text the model should continue (e.g. 'a photo "
                      "of' for captions, 'Question: what is this? Answer:' for VQA)")
   ids = tokenizer.encode_ids(prompt)
@@ -260,6 +260,14 @@ class Blip2Generator:
       raise ValueError(f"eos_token_ids must be token ids in [0, {vocab}), got {eos!r}")
     eos = np.asarray(eos + [-1] * (-len(eos) % 8), np.int32)
     ids, mask = self.encode_prompts(prompts, prompt_bucket=prompt_bucket)
+    if self.kind == "opt":  # learned positions: the whole sequence must fit the table
+      need = self.model.config.num_query_tokens + int(mask.sum(1).max()) + int(max_new_tokens)
+      limit = self.model.config.llm.max_position_embeddings
+      if need > limit:
+        raise ValueError(f"{self.model.config.num_query_tokens} queries + the longest prompt "
+                         f"({int(mask.sum(1).max())} tokens) + max_new_tokens={max_new_tokens} = "
+                         f"{need} positions, more than the OPT's max_position_embeddings={limit}; "
+                         "shorten the prompt or lower max_new_tokens")
     bb = batch_bucket(b)
     rows = np.concatenate([np.arange(b), np.zeros(bb - b, np.int64)])
     width = max(NEW_TOKEN_BUCKET, -(-max_new_tokens // NEW_TOKEN_BUCKET) * NEW_TOKEN_BUCKET)
