@@ -92,3 +92,26 @@ def xla_flops(compiled) -> float | None:
   if not cost or "flops" not in cost:
     return None
   return float(cost["flops"])
+
+
+def environment(torch_module=None) -> dict:
+  """Versions, devices and thread settings of this process (jax always, torch when given), for
+  the header of a benchmark's output."""
+  import os
+  import flax
+  import jax
+  import numpy as np
+  cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+  env = {"python": platform.python_version(), "jax": jax.__version__, "flax": flax.__version__,
+         "numpy": np.__version__, "jax_backend": jax.default_backend(),
+         "jax_devices": [str(d) for d in jax.devices()], "cpu": cpu_model(),
+         "os_cpu_count": os.cpu_count(), "cores_visible (XLA pool)": cores,
+         "XLA_FLAGS": os.environ.get("XLA_FLAGS", ""),
+         "jax_matmul_precision": str(jax.config.jax_default_matmul_precision),
+         "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None}
+  if torch_module is not None:
+    import transformers
+    env.update({"torch": torch_module.__version__, "transformers": transformers.__version__,
+                "torch_num_threads": torch_module.get_num_threads(),
+                "torch_num_interop_threads": torch_module.get_num_interop_threads()})
+  return env
