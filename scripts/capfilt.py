@@ -117,13 +117,9 @@ def run(captioner: str, scorer: str, annotations: str, image_dir: str, output: s
       print(f"    {a['score']:.4f} {a['source']:9s} {a['caption']!r}")
   flags_ = C.train_flags(path, annotations, image_dir)
   print(f"wrote {path} ({len(coco['annotations'])} captions for {len(coco['images'])} images)")
-  print("train on it (one kept caption drawn per use; stage2_t5.py the same):")
+  print("train on it (one kept caption drawn per use; stage2_t5.py and stage1.py the same):")
   print("  python scripts/train.py --config configs/blip2/stage2_opt.py:tiny --workdir "
         "runs/blip2_stage2_capfilt \\\n      " + " \\\n      ".join(flags_))
-  from vlm.data.config import default_blip2_data_config
-  if "caption_sampling" not in default_blip2_data_config():
-    print("  (stage 1, configs/blip2/stage1.py, has no data.caption_sampling setting yet: "
-          "without that flag it reads every kept caption as its own record)")
   s.update(output=path, train_flags=flags_, examples=examples, captioner=cap_desc,
            scorer=score_desc)
   with open(path + ".stats.json", "w") as f:

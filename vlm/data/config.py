@@ -26,6 +26,9 @@ def default_blip2_data_config() -> ml_collections.ConfigDict:
       deterministic, but batch composition depends on it (each worker batches its own
       interleaved records) and a saved iterator state only restores with the same value.
     worker_buffer_size: batches prefetched per grain worker.
+    caption_sampling: ``"per_caption"`` (every caption a record, as LAVIS' COCO datasets) or
+      ``"per_image"`` (every image a record, one of its captions drawn at each use: a CapFilt
+      file written by scripts/capfilt.py, BLIP-2 section 3.4).
   """
   cfg = ml_collections.ConfigDict()
   cfg.root = "data/coco"
@@ -43,6 +46,7 @@ def default_blip2_data_config() -> ml_collections.ConfigDict:
   cfg.validate_images = "decode"
   cfg.worker_count = 0
   cfg.worker_buffer_size = 1
+  cfg.caption_sampling = "per_caption"
   return cfg
 
 

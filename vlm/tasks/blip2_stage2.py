@@ -366,7 +366,6 @@ def base_config(kind: str, variant: str) -> ml_collections.ConfigDict:
   c.data = default_blip2_data_config()
   c.data.prompt = "a photo of" if tiny else ""
   c.data.prefix_split = True  # FlanT5 without a prompt: the paper's prefix language modelling
-  c.data.caption_sampling = "per_caption"  # "per_image" for a CapFilt file (one caption per use)
   c.loss = ml_collections.ConfigDict(dict(llm_dropout=True, chunk_size=512, z_loss=0.0))
 
   c.total_steps = 300 if tiny else 80_000
