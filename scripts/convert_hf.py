@@ -8,7 +8,8 @@ r"""HF checkpoints in and out of vlm: round-trip an HF directory, or export a tr
 with the matching saver (``save_hf_qwen3_vl`` / ``save_hf_blip2``) to ``--output``, then reloads
 the output and checks that every parameter is bit-identical (a checkpoint check).
 
-``--from_workdir``: exports a Qwen-VL training workdir (``scripts/train.py --config
+``--from_workdir``: exports a BLIP-2 stage-2 workdir as an HF ``Blip2ForConditionalGeneration``
+directory (weights and ``config.json``), or a Qwen-VL training workdir (``scripts/train.py --config
 configs/qwen3_vl/*.py``) with :func:`vlm.tasks.qwen_vl.export_hf`: the run config saved in the
 checkpoint gives the model (the HF ``config.json`` the run started from, else its preset), the
 parameters of the newest intact checkpoint (or ``--step``) are read on the host whatever device
@@ -54,9 +55,14 @@ def convert(src: str, dst: str, max_shard_size: str | None = None) -> int:
   import vlm
   from vlm.models.qwen3_vl import Qwen3VL
 
+  from vlm.models.blip2 import Blip2Stage2
+
   model, params, _ = vlm.load_pretrained(src)
   if isinstance(model, Qwen3VL):
     from vlm.convert.hf_qwen3_vl import save_hf_qwen3_vl as save
+  elif isinstance(model, Blip2Stage2):
+    from vlm.convert.hf_blip2 import save_hf_blip2_stage2
+    save = lambda c, p, d, m: save_hf_blip2_stage2(c, p, d, max_shard_size=m)
   else:
     from vlm.convert.hf_blip2 import save_hf_blip2 as save
   save(model.config, params, dst, max_shard_size)
@@ -102,6 +108,10 @@ def convert_workdir(workdir: str, dst: str, step: int | None = None, *,
   from vlm.tasks import qwen_vl
   from vlm.train import checkpoint
 
+  if checkpoint.restore_run(workdir, step)[1].task == "blip2_stage2":
+    return _convert_blip2_stage2_workdir(workdir, dst, step, max_shard_size=max_shard_size,
+                                         overwrite=overwrite)
+
   info = qwen_vl.export_hf(workdir, dst, step, model_config_path=model_config,
                            max_shard_size=max_shard_size, overwrite=overwrite)
   _, saved = checkpoint.restore_params(workdir, info["step"])
@@ -110,6 +120,31 @@ def convert_workdir(workdir: str, dst: str, step: int | None = None, *,
   _check_identical(jax.tree.map(lambda x: np.asarray(x, np.float32), saved), back,
                    f"exporting {workdir} step {info['step']}")
   return info
+
+
+def _convert_blip2_stage2_workdir(workdir: str, dst: str, step: int | None, *,
+                                  max_shard_size: str | None, overwrite: bool) -> dict:
+  """A BLIP-2 stage-2 workdir as an HF ``Blip2ForConditionalGeneration`` directory (weights and
+  ``config.json``; the LLM tokenizer is vlm's bundled one), read back and checked identical."""
+  import jax
+  import numpy as np
+
+  from vlm.convert.hf_blip2 import load_hf_blip2_stage2, save_hf_blip2_stage2
+  from vlm.tasks import get_task
+  from vlm.train import checkpoint
+
+  if os.path.isdir(dst) and os.listdir(dst) and not overwrite:
+    raise FileExistsError(f"{dst} is not empty; pass --overwrite or another --output")
+  got_step, config, params = checkpoint.restore_run(workdir, step)
+  model = get_task(config.task).build_model(config)
+  save_hf_blip2_stage2(model.config, params, dst, scan_layers=model.scan_layers,
+                       max_shard_size=max_shard_size)
+  _, back = load_hf_blip2_stage2(dst, scan_layers=model.scan_layers)
+  _check_identical(jax.tree.map(np.asarray, params), back,
+                   f"exporting {workdir} step {got_step}")
+  return {"step": got_step, "output": os.path.abspath(dst), "model_type": "blip-2 stage 2 "
+          f"({model.config.llm_kind})", "files": sorted(os.listdir(dst)),
+          "num_params": sum(int(np.size(v)) for v in jax.tree_util.tree_leaves(params))}
 
 
 def main(argv):
