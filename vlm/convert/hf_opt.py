@@ -31,6 +31,7 @@ import json
 import os
 from typing import Any, Mapping
 
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -95,26 +96,6 @@ def _format(keys, limit: int = 20) -> str:
   keys = sorted(keys)
   more = f" ... and {len(keys) - limit} more" if len(keys) > limit else ""
   return ", ".join(keys[:limit]) + more
-
-
-def _unflat(flat: Mapping[tuple[str, ...], Any]) -> dict:
-  tree: dict = {}
-  for path, v in flat.items():
-    node = tree
-    for p in path[:-1]:
-      node = node.setdefault(p, {})
-    node[path[-1]] = v
-  return tree
-
-
-def _flat(tree, prefix=()) -> dict[tuple[str, ...], Any]:
-  out = {}
-  for k, v in tree.items():
-    if isinstance(v, Mapping):
-      out.update(_flat(v, prefix + (k,)))
-    else:
-      out[prefix + (k,)] = v
-  return out
 
 
 def opt_params_from_hf_state(state: Mapping[str, np.ndarray], config: OPTConfig,
@@ -183,7 +164,7 @@ def opt_params_from_hf_state(state: Mapping[str, np.ndarray], config: OPTConfig,
                      f"{prefix!r}): " + "; ".join(errors))
   cast = (lambda a: np.ascontiguousarray(a)) if dtype is None else (
       lambda a: np.ascontiguousarray(np.asarray(a, dtype)))
-  params = _unflat({k: cast(v) for k, v in flat.items()})
+  params = flax.traverse_util.unflatten_dict({k: cast(v) for k, v in flat.items()})
   if scan_layers:  # numpy stacking (host memory), the layout of vlm.models.qwen3.stack_layers
     n = config.num_hidden_layers
     per_layer = [params.pop(f"layers_{i}") for i in range(n)]
@@ -206,7 +187,7 @@ def hf_state_from_opt_params(params: Mapping[str, Any], config: OPTConfig,
   params = nn.unbox(dict(params))
   if "layers" in params:  # scanned: back to layers_{i}
     params = unstack_layers(params)
-  flat = {k: np.asarray(v) for k, v in _flat(params).items()}
+  flat = {k: np.asarray(v) for k, v in flax.traverse_util.flatten_dict(params).items()}
   want = {path: (hf, shape, t) for hf, path, shape, t in _entries(config)}
   if not config.tie_word_embeddings:
     want[("lm_head", "kernel")] = (None, (config.vocab_size, config.embed_dim), True)

@@ -41,7 +41,7 @@ import jax.numpy as jnp
 from vlm.nn import layers
 from vlm.nn import partitioning as P
 from vlm.nn.attention import (cache_masks, cached_attention, causal_padding_mask,
-                              dot_product_attention)
+                              dot_product_attention, init_kv_cache)
 
 Dtype = Any
 
@@ -198,15 +198,13 @@ def opt_position_ids(attention_mask) -> jax.Array:
 
 
 def init_cache(config: OPTConfig, batch: int, max_length: int, dtype: Dtype = jnp.float32):
-  """Empty KV cache for :class:`OPTForCausalLM` (the layout of ``vlm.models.qwen3.init_cache``).
+  """Empty KV cache for :class:`OPTForCausalLM` (:func:`vlm.nn.attention.init_kv_cache`).
 
   Returns ``{"k": [NL, B, H, T, hd], "v": same, "mask": bool [B, T]}`` with ``T = max_length``;
   ``mask`` marks slots holding real (non-pad) tokens.
   """
-  shape = (config.num_hidden_layers, batch, config.num_attention_heads, max_length,
-           config.head_dim)
-  return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
-          "mask": jnp.zeros((batch, max_length), bool)}
+  return init_kv_cache(config.num_hidden_layers, batch, config.num_attention_heads, max_length,
+                       config.head_dim, dtype)
 
 
 class _PlainLayerNorm(nn.Module):

@@ -62,7 +62,7 @@ from vlm.nn import moe
 from vlm.nn import partitioning as P
 from vlm.nn import rope
 from vlm.nn.attention import (IMPLEMENTATIONS, attention, cache_masks, cached_attention,
-                              causal_padding_mask, dot_product_attention)
+                              causal_padding_mask, dot_product_attention, init_kv_cache)
 
 Dtype = Any
 
@@ -490,10 +490,8 @@ def init_cache(config: Qwen3TextConfig, batch: int, max_length: int, dtype: Dtyp
   ``max_length``, NL layers stacked on the leading axis in both scan and unscanned mode);
   ``mask`` marks slots holding real (non-pad) tokens.
   """
-  shape = (config.num_hidden_layers, batch, config.num_key_value_heads, max_length,
-           config.head_dim)
-  return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
-          "mask": jnp.zeros((batch, max_length), bool)}
+  return init_kv_cache(config.num_hidden_layers, batch, config.num_key_value_heads, max_length,
+                       config.head_dim, dtype)
 
 
 class Qwen3Model(nn.Module):

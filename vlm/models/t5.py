@@ -53,7 +53,7 @@ import numpy as np
 from vlm.nn import layers
 from vlm.nn import partitioning as P
 from vlm.nn.attention import (cache_masks, cached_attention, causal_padding_mask,
-                              dot_product_attention)
+                              dot_product_attention, init_kv_cache)
 
 Dtype = Any
 
@@ -543,13 +543,12 @@ def init_cache(config: T5Config, batch: int, max_length: int, dtype: Dtype = jnp
   """Empty decoder self-attention cache for :meth:`T5ForConditionalGeneration.decode`.
 
   Returns ``{"k": [NL, B, H, T, d_kv], "v": same, "mask": bool [B, T]}`` with NL =
-  ``num_decoder_layers`` and T = ``max_length`` (layout of :func:`vlm.models.qwen3.init_cache`);
+  ``num_decoder_layers`` and T = ``max_length`` (:func:`vlm.nn.attention.init_kv_cache`);
   ``mask`` marks slots holding real tokens. Cross-attention keys/values are not cached (they are
   recomputed from the encoder states at every step).
   """
-  shape = (config.num_decoder_layers, batch, config.num_heads, max_length, config.d_kv)
-  return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
-          "mask": jnp.zeros((batch, max_length), bool)}
+  return init_kv_cache(config.num_decoder_layers, batch, config.num_heads, max_length,
+                       config.d_kv, dtype)
 
 
 def _bool_mask(mask, shape, name):

@@ -588,6 +588,20 @@ def causal_padding_mask(attention_mask, batch: int, length: int, segment_ids=Non
   return mask
 
 
+def init_kv_cache(num_layers: int, batch: int, kv_heads: int, max_length: int, head_dim: int,
+                  dtype: Any = jnp.float32) -> dict:
+  """An empty KV cache in the layout every vlm decoder uses (Qwen3, OPT, the T5 decoder).
+
+  Returns ``{"k": [NL, B, kvH, T, hd], "v": same, "mask": bool [B, T]}``: layers stacked on the
+  leading axis (scanned or not), heads before slots as HF's cache (see :func:`cached_attention`),
+  ``mask`` marking the slots that hold real (non-pad) tokens. Batch axes for beam search:
+  ``{"k": 1, "v": 1, "mask": 0}``.
+  """
+  shape = (num_layers, batch, kv_heads, max_length, head_dim)
+  return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
+          "mask": jnp.zeros((batch, max_length), bool)}
+
+
 def cache_masks(attention_mask, cache_mask, cache_index):
   """Masks of cached attention (see :func:`cached_attention`).
 
