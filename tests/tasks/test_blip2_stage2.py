@@ -89,6 +89,35 @@ def test_opt_stage2_trains_from_stage1_and_evaluates(tmp_path, stage1_workdir):
   assert set(cap["baseline"]) >= {"CIDEr", "BLEU-4"}
   assert vqa["num_questions"] == 4 and 0.0 <= vqa["scores"]["accuracy"] <= 1.0
   assert "accuracy" in vqa["baseline"]
+  _export_equals_hf(str(tmp_path), c)
+
+
+def _export_equals_hf(workdir, config):
+  """scripts/convert_hf.py --from_workdir: HF Blip2ForConditionalGeneration loads the trained
+  run and computes vlm's logits."""
+  import importlib.util
+  import torch
+  import transformers
+  spec = importlib.util.spec_from_file_location(
+      "convert_hf", os.path.join(os.path.dirname(__file__), "..", "..", "scripts", "convert_hf.py"))
+  script = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(script)
+  out = os.path.join(workdir, "hf_export")
+  info = script.convert_workdir(workdir, out)
+  assert info["step"] == 4
+  hf = transformers.Blip2ForConditionalGeneration.from_pretrained(out).eval()
+  model = blip2_stage2.build_model(config)
+  _, params = ckpt.restore_params(workdir)
+  rng = np.random.default_rng(0)
+  s, q = model.config.vision.image_size, model.config.num_query_tokens
+  pixels = rng.standard_normal((2, s, s, 3)).astype(np.float32)
+  text = np.asarray([[2, 250, 1000, 9, 50118], [2, 31, 7, 88, 4]])
+  ours = np.asarray(model.apply({"params": params}, pixels, text, np.ones_like(text)))
+  ids = np.concatenate([np.full((2, q), model.config.image_token_index), text], 1)
+  with torch.no_grad():
+    theirs = hf(pixel_values=torch.tensor(pixels.transpose(0, 3, 1, 2)),
+                input_ids=torch.tensor(ids)).logits.numpy()
+  np.testing.assert_allclose(ours[:, q:], theirs[:, q:], atol=1e-5)
 
 
 def test_t5_stage2_trains(tmp_path):
