@@ -115,3 +115,31 @@ def environment(torch_module=None) -> dict:
                 "torch_num_threads": torch_module.get_num_threads(),
                 "torch_num_interop_threads": torch_module.get_num_interop_threads()})
   return env
+
+
+def matmul_peak_contenders(n: int = 2048, with_torch: bool = True) -> dict:
+  """``{"peak/jnp.dot": (fn, None), "peak/torch.mm": (fn, None)}`` for
+  :func:`timeit_interleaved`: the calls behind :func:`jax_matmul_peak` / :func:`torch_matmul_peak`
+  (float32 ``[n, n] @ [n, n]``, ``2 n^3`` FLOPs, compiled here), to be timed among a benchmark's
+  own contenders so that the peak is measured under the same (shared-machine) load as the work
+  it is compared with. :func:`peak_flops_per_s` turns their timings into FLOP/s.
+  """
+  import jax
+  import jax.numpy as jnp
+  a = jax.random.normal(jax.random.PRNGKey(1), (n, n), jnp.float32)
+  b = jax.random.normal(jax.random.PRNGKey(2), (n, n), jnp.float32)
+  mm = jax.jit(jnp.dot).lower(a, b).compile()
+  out = {"peak/jnp.dot": (lambda _: jax.block_until_ready(mm(a, b)), None)}
+  if with_torch:
+    import torch
+    g = torch.Generator().manual_seed(1)
+    ta, tb = torch.randn(n, n, generator=g), torch.randn(n, n, generator=g)
+    out["peak/torch.mm"] = (lambda _: torch.mm(ta, tb), None)
+  return out
+
+
+def peak_flops_per_s(timings: dict, n: int = 2048) -> dict:
+  """``{"jax": FLOP/s, "torch": FLOP/s}`` from the ``peak/*`` entries of
+  :func:`timeit_interleaved`'s result (medians; absent entries are left out)."""
+  names = {"jax": "peak/jnp.dot", "torch": "peak/torch.mm"}
+  return {k: 2 * n ** 3 / timings[v]["median_s"] for k, v in names.items() if v in timings}

@@ -10,7 +10,7 @@ Usage::
 One process, one random model, the same weights and inputs on both sides, float32 on both:
 HF builds ``Blip2ForConditionalGeneration`` from the ``transformers.Blip2Config`` that
 :func:`vlm.convert.hf_blip2.stage2_config_to_hf` writes for the chosen size (``torch.manual_seed``,
-HF's own init; the OPT decoder's matrices are then redrawn wider, see :func:`spread_opt_`),
+HF's own init, then :func:`randomize_`: LAVIS-like query tokens, wider OPT matrices),
 ``save_pretrained`` to a temp dir, and vlm loads that directory with
 :func:`vlm.convert.hf_blip2.load_hf_blip2_stage2`.
 
@@ -81,8 +81,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import numpy as np  # noqa: E402
 
-from bench_common import (environment, jax_matmul_peak, timeit_interleaved,  # noqa: E402
-                          torch_matmul_peak, xla_flops)
+from bench_common import (environment, jax_matmul_peak, matmul_peak_contenders,  # noqa: E402
+                          peak_flops_per_s, timeit_interleaved, torch_matmul_peak, xla_flops)
 
 SETTLE_S = 0.3  # pause before each timed call (bench_common.timeit_interleaved)
 TARGETS = {"train_ratio": 1.0, "train_frac_peak": 0.85, "beam_ratio": 2.0}
@@ -164,17 +164,25 @@ def stage2_config(args):
                                    num_query_tokens=queries, image_token_index=image_token)
 
 
-def spread_opt_(hf, seed: int) -> None:
-  """Redraws the OPT decoder's matrices of ``hf`` (in place): linear weights N(0, 1/fan_in),
-  token and position embeddings N(0, 0.15^2).
+def randomize_(hf, config, seed: int) -> None:
+  """Makes HF's random init a usable random model (in place, before the weights are shared).
 
-  HF's init (std 0.02 everywhere) gives a random OPT nearly flat logits, where beam search is
-  decided by float noise; with these scales the logits spread over a few units (T5's own init
-  already does so) and the token-level cross-check means something. Norms stay at 1 / 0.
+  * ``query_tokens`` ~ N(0, initializer_range^2) as LAVIS initialises them (HF's init writes
+    zeros, which the Q-Former's LayerNorm (eps 1e-12) turns into ~1e6-scaled gradients);
+  * OPT only: the decoder's linear weights ~ N(0, 1/fan_in), token and position embeddings
+    ~ N(0, 0.15^2). HF's std 0.02 everywhere leaves a random OPT with nearly flat logits, where
+    beam search is decided by float noise; with these scales the logits spread over a few units
+    (T5's own init already does so) and the token-level cross-check means something.
+
+  Norms keep their 1 / 0.
   """
   import torch
   gen = torch.Generator().manual_seed(seed + 7)
   with torch.no_grad():
+    hf.query_tokens.copy_(config.qformer.initializer_range
+                          * torch.randn(hf.query_tokens.shape, generator=gen))
+    if config.llm_kind != "opt":
+      return
     for name, p in hf.language_model.named_parameters():
       if p.ndim != 2:
         continue
@@ -265,8 +273,7 @@ def main(argv=None):
   torch.manual_seed(args.seed)
   hf = transformers.Blip2ForConditionalGeneration(
       transformers.Blip2Config.from_dict(stage2_config_to_hf(want)))
-  if args.llm == "opt":
-    spread_opt_(hf, args.seed)
+  randomize_(hf, want, args.seed)
   with tempfile.TemporaryDirectory() as tmp:
     hf.save_pretrained(tmp, safe_serialization=True)
     config, params_np = load_hf_blip2_stage2(tmp)
@@ -309,6 +316,7 @@ def main(argv=None):
   peak, peak_t = pk["flops_per_s"], pk_t["flops_per_s"]
   print(f"\n== matmul peak float32 (2048^3): jnp.dot {peak / 1e9:.1f} GFLOP/s, torch.mm "
         f"{peak_t / 1e9:.1f} GFLOP/s ({torch.get_num_threads()} threads)")
+  peak_fns = matmul_peak_contenders(2048)
   results["matmul_peak"] = {"jax": pk, "torch": pk_t}
   summary = {}
 
@@ -358,20 +366,26 @@ def main(argv=None):
           f"({n_tok} loss tokens; {'OPT: </s> + caption' if args.llm == 'opt' else f'T5: {T5_PROMPT_TOKENS}-token prompt, caption as decoder labels'}); "
           f"vlm compile {compile_s:.1f}s; XLA FLOPs/step {(flops or 0) / 1e9:.2f} G")
     for k, (a, c) in check.items():
-      print(f"  {k:16s} vlm {a:.6f}  HF {c:.6f}  |diff| {abs(a - c):.2e}")
+      print(f"  {k:16s} vlm {a:.6f}  HF {c:.6f}  |diff| {abs(a - c):.2e}  rel "
+            f"{abs(a - c) / max(abs(c), 1e-30):.1e}")
     loss_ok = abs(check["loss_step0"][0] - check["loss_step0"][1]) <= 1e-4
     print(f"  first-step losses equal within 1e-4: {'yes' if loss_ok else 'NO'}")
     print(f"  timing ({args.warmup} warm-up, median of {args.steps}, calls alternate)")
-    tm = timeit_interleaved({"vlm/train_step": (vlm_call, None),
-                             "hf/train_step": (hf_call, None)}, args.steps, args.warmup, SETTLE_S)
+    tm = timeit_interleaved({"vlm/train_step": (vlm_call, None), "hf/train_step": (hf_call, None),
+                             **peak_fns}, args.steps, args.warmup, SETTLE_S)
     for k, tt in tm.items():
       print(f"  {k:16s} {_fmt_times(tt)}", flush=True)
     tv, th = tm["vlm/train_step"]["median_s"], tm["hf/train_step"]["median_s"]
+    pk_in = peak_flops_per_s(tm)
+    print(f"  matmul peaks measured between these calls: jnp.dot {pk_in['jax'] / 1e9:.1f}, "
+          f"torch.mm {pk_in['torch'] / 1e9:.1f} GFLOP/s")
     b = args.batch_size
     row = {"vlm_img_s": b / tv, "hf_img_s": b / th, "ratio": th / tv, "xla_flops": flops,
-           "vlm_frac_peak": flops / tv / peak if flops else None,
-           "hf_frac_peak": flops / th / peak_t if flops else None,
-           "hf_frac_jax_peak": flops / th / peak if flops else None,
+           "vlm_gflop_s": flops / tv / 1e9 if flops else None,
+           "hf_gflop_s": flops / th / 1e9 if flops else None, "peaks": pk_in,
+           "vlm_frac_peak": flops / tv / pk_in["jax"] if flops else None,
+           "hf_frac_peak": flops / th / pk_in["torch"] if flops else None,
+           "hf_frac_jax_peak": flops / th / pk_in["jax"] if flops else None,
            "compile_s": compile_s, "check": check, "loss_ok": loss_ok, "timings": tm}
     summary["train"] = row
     del holder, compiled
@@ -430,12 +444,13 @@ def main(argv=None):
           print(f"   row {i}: first differs at new token {diff}")
     print(f"  example row 0: vlm {ours[0].tolist()}\n                 HF  {ref[0].tolist()}")
     print(f"  timing ({args.warmup} warm-up, median of {args.steps}, calls alternate)")
-    tm = timeit_interleaved({"vlm/beam": (vlm_gen, None), "hf/beam": (hf_gen, None)},
+    tm = timeit_interleaved({"vlm/beam": (vlm_gen, None), "hf/beam": (hf_gen, None), **peak_fns},
                             args.steps, args.warmup, SETTLE_S)
     for k, tt in tm.items():
       print(f"  {k:16s} {_fmt_times(tt)}", flush=True)
     tv, th = tm["vlm/beam"]["median_s"], tm["hf/beam"]["median_s"]
     summary["beam"] = {"vlm_img_s": b / tv, "hf_img_s": b / th, "ratio": th / tv,
+                       "peaks": peak_flops_per_s(tm),
                        "vlm_first_call_s": first_s, "vlm_compile_s_est": first_s - tv,
                        "rows_equal": same, "rows": b, "timings": tm}
 
