@@ -13,7 +13,7 @@ Variants (``:name``):
   tiny     the stage-1 tiny tower + Q-Former (16 queries) and a 4-layer 256-wide OPT with the real
            50,272-token vocabulary. No pretrained OPT installs offline, so the OPT is first trained
            alone on the training captions (``init.llm_warmup_steps``), then frozen; global batch
-           16, 300 steps; prompt "a photo of" in training and evaluation.
+           16, 200 steps; prompt "a photo of" in training and evaluation.
   opt2.7b  the paper (LAVIS ``pretrain_stage2``): EVA ViT-g/14 (frozen) + BERT-base Q-Former (from
   opt6.7b  stage 1) + facebook/opt-2.7b or opt-6.7b (frozen, bfloat16), batch 1920, 80k steps,
            AdamW(0.9, 0.98), wd 0.05, lr 1e-4 -> 5e-5 cosine, warmup 2k, no prompt. On a pod:

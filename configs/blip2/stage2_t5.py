@@ -12,7 +12,7 @@ Variants (``:name``):
   tiny       the stage-1 tiny tower + Q-Former (16 queries) and a 4+4-layer 256-wide T5 v1.1 with the
              real 32,128-token vocabulary, first trained alone on the training captions
              (``init.llm_warmup_steps``; no pretrained FlanT5 installs offline), then frozen;
-             global batch 16, 300 steps; prompt "a photo of" (encoder) -> caption (decoder).
+             global batch 16, 200 steps; prompt "a photo of" (encoder) -> caption (decoder).
   flant5xl   the paper (LAVIS ``pretrain_stage2``): EVA ViT-g/14 (frozen) + BERT-base Q-Former (from
   flant5xxl  stage 1) + google/flan-t5-xl or -xxl (frozen, bfloat16, exact-GELU gated FFN as
              LAVIS), batch 1520, 80k steps, AdamW(0.9, 0.98), wd 0.05, lr 1e-4 -> 5e-5 cosine,

@@ -361,14 +361,14 @@ def base_config(kind: str, variant: str) -> ml_collections.ConfigDict:
       scan_layers=not tiny, remat=not tiny, overrides={}))
   c.init = ml_collections.ConfigDict(dict(
       stage1_workdir="", hf_checkpoint="", bert_dir="minilm" if tiny else "", llm_checkpoint="",
-      llm_warmup_steps=400 if tiny else 0, llm_warmup_batch=32, llm_warmup_lr=2e-3, workdir=""))
+      llm_warmup_steps=200 if tiny else 0, llm_warmup_batch=32, llm_warmup_lr=2e-3, workdir=""))
 
   c.data = default_blip2_data_config()
   c.data.prompt = "a photo of" if tiny else ""
   c.data.prefix_split = True  # FlanT5 without a prompt: the paper's prefix language modelling
   c.loss = ml_collections.ConfigDict(dict(llm_dropout=True, chunk_size=512, z_loss=0.0))
 
-  c.total_steps = 300 if tiny else 80_000
+  c.total_steps = 200 if tiny else 80_000
   c.global_batch_size = 16 if tiny else {"opt": 1920, "t5": 1520}[kind]
   c.microbatches = 1
   c.optim = ml_collections.ConfigDict(dict(
