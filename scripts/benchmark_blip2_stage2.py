@@ -96,9 +96,9 @@ def parse_args(argv=None):
   p.add_argument("--size", default="small", choices=("small", "tiny"))
   p.add_argument("--image_size", type=int, default=None,
                  help="override the tower's image size (a multiple of its patch size)")
-  p.add_argument("--batch_size", type=int, default=8, help="train step: images per batch")
+  p.add_argument("--batch_size", type=int, default=4, help="train step: images per batch")
   p.add_argument("--seq_len", type=int, default=32, help="train step: caption token slots T")
-  p.add_argument("--beam_batch", type=int, default=8, help="captioning: images per call")
+  p.add_argument("--beam_batch", type=int, default=4, help="captioning: images per call")
   p.add_argument("--num_beams", type=int, default=5)
   p.add_argument("--max_new_tokens", type=int, default=30)
   p.add_argument("--min_new_tokens", type=int, default=8)
@@ -107,7 +107,9 @@ def parse_args(argv=None):
   p.add_argument("--weight_decay", type=float, default=0.05)
   p.add_argument("--chunk_size", type=int, default=512, help="vlm loss chunk (tokens)")
   p.add_argument("--steps", type=int, default=3, help="timed calls per side (median reported)")
-  p.add_argument("--warmup", type=int, default=1, help="untimed calls per side before timing")
+  p.add_argument("--warmup", type=int, default=0,
+                 help="untimed calls per side before timing, after the cross-check calls (which "
+                      "warm both sides up already)")
   p.add_argument("--torch_threads", type=int, default=None,
                  help="torch.set_num_threads (default: the cores XLA uses)")
   p.add_argument("--matmul_precision", default=None,
