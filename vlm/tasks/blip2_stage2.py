@@ -243,7 +243,8 @@ def warmup_language_model(config, model, params, shardings):
   A stand-in for a pretrained LLM where none can be installed (the CPU variants): the LLM
   learns the captions' language with the same text targets as stage 2 (OPT: prompt + caption +
   newline, next-token loss on the caption; T5: prompt or caption prefix into the encoder, the rest
-  as the decoder target) but without the visual prompt. ``init.llm_warmup_steps`` AdamW steps at
+  as the decoder target) but without the visual prompt (a T5's untied head is first scaled to
+  unit-variance logits, see the code). ``init.llm_warmup_steps`` AdamW steps at
   ``init.llm_warmup_lr`` (constant after 10% linear warmup), batch ``init.llm_warmup_batch``, seed
   ``config.seed``; deterministic. Only ``language_model/*`` changes.
 
@@ -258,6 +259,12 @@ def warmup_language_model(config, model, params, shardings):
   kind = model.config.llm_kind
   lm = params["language_model"]
   lm_sh = shardings["language_model"]
+  if kind == "t5" and "lm_head" in lm:
+    # HF's T5 init draws the untied head with std 1.0 (made for Adafactor): logits of std
+    # ~sqrt(d_model) and a first loss near 70. For this from-scratch AdamW warm-up the head is
+    # scaled to unit-variance logits first (an initialisation choice; pretrained heads are loaded).
+    scale = model.config.llm.d_model ** -0.5
+    lm = dict(lm, lm_head={"kernel": lm["lm_head"]["kernel"] * scale})
   lr = optax.linear_schedule(0.0, float(init.get("llm_warmup_lr", 1e-3)), max(1, steps // 10))
   tx = optax.adamw(lr, b1=0.9, b2=0.98, weight_decay=0.01)
   opt_state = jax.jit(tx.init)(lm)
