@@ -69,8 +69,12 @@ def run(captioner: str, scorer: str, annotations: str, image_dir: str, output: s
   """
   import jax
 
+  from vlm.data.paths import resolve_path
   from vlm.inference import capfilt as C
 
+  if not os.path.isdir(resolve_path(image_dir)):
+    raise FileNotFoundError(f"--image_dir {image_dir} is not a directory (the folder of the "
+                            "annotation file's file_name images)")
   gen, size, cap_desc = C.load_captioner(captioner)
   score_fn, score_desc = C.load_scorer(scorer)
   gen.params = jax.device_put(gen.params)
@@ -84,8 +88,11 @@ def run(captioner: str, scorer: str, annotations: str, image_dir: str, output: s
       temperature=temperature, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
       prompt=prompt, batch_size=batch_size, seed=seed, image_size=size, max_images=max_images,
       progress=progress)
-  path = C.write_captions(coco, output)
   s = stats.as_dict()
+  if s["images"] and not s["images_scored"]:
+    raise ValueError(f"none of the {s['images']} images could be read (e.g. {s['skipped'][0]}); "
+                     f"check --image_dir {image_dir}; nothing written")
+  path = C.write_captions(coco, output)
   kept = s["kept_synthetic"] + s["kept_human"]
   print(f"CapFilt: {s['images']} images in {s['seconds']:.1f}s "
         f"({s['images'] / max(s['seconds'], 1e-9):.2f} images/s), {s['images_scored']} ranked, "
@@ -116,6 +123,8 @@ def run(captioner: str, scorer: str, annotations: str, image_dir: str, output: s
     for a in e["kept"]:
       print(f"    {a['score']:.4f} {a['source']:9s} {a['caption']!r}")
   flags_ = C.train_flags(path, annotations, image_dir)
+  if os.path.isdir(os.path.join(scorer, "checkpoints")):  # the stage-1 run initialises stage 2
+    flags_.append(f"--config.init.stage1_workdir={os.path.abspath(scorer)}")
   print(f"wrote {path} ({len(coco['annotations'])} captions for {len(coco['images'])} images)")
   print("train on it (one kept caption drawn per use; stage2_t5.py and stage1.py the same):")
   print("  python scripts/train.py --config configs/blip2/stage2_opt.py:tiny --workdir "

@@ -7,7 +7,8 @@ r"""Captions photos or answers questions about them with a BLIP-2 stage-2 model 
 ``--checkpoint`` is a vlm training workdir (``configs/blip2/stage2_*.py``; the newest intact
 checkpoint and its run config are read) or an HF ``Blip2ForConditionalGeneration`` directory
 (``save_pretrained`` layout, safetensors). Decoding is LAVIS's: beam search with 5 beams, at most
-30 new tokens (spec 4.4); ``--temperature > 0`` samples instead (nucleus, ``--top_p``). The prompt
+30 new tokens (spec 4.4); ``--temperature > 0`` samples instead (nucleus, ``--top_p``; beams
+default to 1 then). The prompt
 defaults to the paper's captioning prompt "a photo of"; ``--prompt ""`` captions without one.
 Several ``--image`` flags caption several photos in one batch; a photo that cannot be read is
 reported on stderr and skipped (exit status 1 if none could be read). One line per photo:
@@ -29,7 +30,8 @@ def define_flags():
   flags.DEFINE_multi_string("image", None, "Photo(s) to caption (repeat the flag for several).")
   flags.DEFINE_string("prompt", "a photo of", "Text the LLM continues after the visual prompt "
                       "(VQA: 'Question: ... Answer:'; '' for none).")
-  flags.DEFINE_integer("num_beams", 5, "Beams (1 = greedy or sampling).")
+  flags.DEFINE_integer("num_beams", None, "Beams (1 = greedy or sampling); default 5, or 1 with "
+                       "--temperature > 0.")
   flags.DEFINE_integer("max_new_tokens", 30, "Most tokens to generate.")
   flags.DEFINE_integer("min_new_tokens", 1, "Fewest tokens before a stop token may end the text.")
   flags.DEFINE_float("length_penalty", 1.0, "Beam search length penalty (HF; VQA uses -1).")
@@ -71,6 +73,10 @@ def main(argv):
   del argv
   import jax
   from vlm.inference.blip2_generate import Blip2Generator, load_images
+  from absl import logging as absl_logging
+  absl_logging.set_verbosity(absl_logging.ERROR)  # orbax's per-item read-only notices
+  num_beams = FLAGS.num_beams if FLAGS.num_beams is not None else (
+      1 if FLAGS.temperature > 0 else 5)
   model, params, size = load_model(FLAGS.checkpoint, FLAGS.step)
   pixels, ok, errors = load_images(FLAGS.image, size)
   for path, why in errors:
@@ -78,7 +84,7 @@ def main(argv):
   if not ok:
     sys.exit("error: no photo could be read")
   gen = Blip2Generator(model, params)
-  texts = gen.generate(pixels, FLAGS.prompt, num_beams=FLAGS.num_beams,
+  texts = gen.generate(pixels, FLAGS.prompt, num_beams=num_beams,
                        max_new_tokens=FLAGS.max_new_tokens, min_new_tokens=FLAGS.min_new_tokens,
                        length_penalty=FLAGS.length_penalty, temperature=FLAGS.temperature,
                        top_p=FLAGS.top_p, rng=jax.random.PRNGKey(FLAGS.seed))

@@ -108,9 +108,14 @@ def convert_workdir(workdir: str, dst: str, step: int | None = None, *,
   from vlm.tasks import qwen_vl
   from vlm.train import checkpoint
 
-  if checkpoint.restore_run(workdir, step)[1].task == "blip2_stage2":
+  task = checkpoint.saved_run_config(workdir)[1].get("task")
+  if task == "blip2_stage2":
     return _convert_blip2_stage2_workdir(workdir, dst, step, max_shard_size=max_shard_size,
                                          overwrite=overwrite)
+  if task != "qwen_vl":
+    raise ValueError(f"{workdir} is a {task!r} run; --from_workdir exports BLIP-2 stage-2 and "
+                     "Qwen-VL runs (a stage-1 model is written with "
+                     "vlm.convert.hf_blip2.save_hf_blip2)")
 
   info = qwen_vl.export_hf(workdir, dst, step, model_config_path=model_config,
                            max_shard_size=max_shard_size, overwrite=overwrite)

@@ -6,6 +6,14 @@ most-frequent-caption baseline:
 
   python scripts/evaluate.py --config configs/qwen3_vl/sft.py:tiny --workdir runs/qwen_sft
 
+BLIP-2 stage 2: zero-shot captions of the held-out photos (CIDEr / BLEU-4 beside the
+most-frequent-caption baseline) and zero-shot VQA on data/vqa (VQA soft accuracy beside the
+most-frequent-answer baseline), on a workdir or an HF ``Blip2ForConditionalGeneration`` directory:
+
+  python scripts/evaluate.py --config configs/blip2/stage2_opt.py:tiny --workdir runs/blip2_stage2
+  python scripts/evaluate.py --config configs/blip2/stage2_opt.py:opt2.7b \
+      --hf_checkpoint /path/to/blip2-opt-2.7b --output /tmp/eval.json
+
 BLIP-2 retrieval:
 
   python scripts/evaluate.py --config configs/blip2/stage1.py:tiny --workdir runs/blip2_tiny \
@@ -64,8 +72,24 @@ def main(argv):
     if "scan_layers" in config.model:
       kw["scan_layers"] = bool(config.model.scan_layers)
     model, params, _ = vlm.load_pretrained(FLAGS.hf_checkpoint, **kw)
+    want = task.build_model(config)  # a module only: no parameters are made
+    kind = lambda m: (type(m).__name__, getattr(getattr(m.config, "llm", None), "__class__", None))
+    if kind(model) != kind(want):
+      raise ValueError(f"{FLAGS.hf_checkpoint} holds a {type(model).__name__} "
+                       f"({type(getattr(model.config, 'llm', None)).__name__}) but --config "
+                       f"{config.task} builds a {type(want).__name__} "
+                       f"({type(getattr(want.config, 'llm', None)).__name__}): pick the config "
+                       "of that model (e.g. stage2_opt.py for OPT, stage2_t5.py for FlanT5)")
     step = 0
   elif FLAGS.workdir:
+    _, saved = checkpoint.saved_run_config(FLAGS.workdir)
+    for key in ("task", "model.preset"):
+      a, b = saved, config
+      for part in key.split("."):
+        a, b = a.get(part), b.get(part)
+      if a != b:
+        raise ValueError(f"{FLAGS.workdir} was trained with {key}={a!r} but --config has {b!r}: "
+                         "pass the run's config file and variant")
     model = task.build_model(config)
     step, params = checkpoint.restore_params(FLAGS.workdir, FLAGS.step)
   else:
@@ -77,7 +101,7 @@ def main(argv):
                             else "eval_results.json")
   with open(output, "w") as f:
     json.dump({"step": step, **results}, f, indent=2)
-  logging.info("wrote %s", output)
+  print(f"wrote {os.path.abspath(output)}")
 
 
 if __name__ == "__main__":
@@ -86,4 +110,9 @@ if __name__ == "__main__":
     check_config_argv(sys.argv)
   except ConfigError as e:
     sys.exit(f"error: {e}")
-  app.run(main)
+  try:
+    app.run(main)
+  except (ValueError, FileNotFoundError) as e:  # they name the file / key and the fix
+    if os.environ.get("VLM_TRACEBACK"):
+      raise
+    sys.exit(f"error: {type(e).__name__}: {e}")

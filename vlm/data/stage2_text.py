@@ -43,8 +43,8 @@ class Stage2TextProcessor:
     ``attention_mask`` [T] (encoder text), ``decoder_input_ids``, ``decoder_attention_mask``,
     ``labels``, ``loss_mask`` int32 [T].
   Raises:
-    ValueError: unknown kind, ``max_text_len`` too small for the prompt, a prompt that fills the
-      whole OPT row (nothing left to learn).
+    ValueError: unknown kind, a whitespace-only prompt, a prompt that fills the whole OPT row
+      (nothing left to learn: raise ``max_text_len``).
   """
 
   def __init__(self, kind: str, tokenizer, *, max_text_len: int = 32, prompt: str = "",
@@ -54,6 +54,9 @@ class Stage2TextProcessor:
     self.kind, self.tokenizer = kind, tokenizer
     self.max_text_len, self.prompt = int(max_text_len), str(prompt)
     self.max_words, self.prefix_split = int(max_words), bool(prefix_split)
+    if self.prompt and not self.prompt.strip():
+      raise ValueError(f"data.prompt {self.prompt!r} holds only whitespace: give the prompt text "
+                       "(e.g. 'a photo of') or '' for none")
     if kind == "opt":
       self.prompt_length = len(tokenizer.encode_ids(self.prompt)) if self.prompt else 0
       if self.prompt_length >= self.max_text_len:

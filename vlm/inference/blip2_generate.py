@@ -327,7 +327,8 @@ def evaluate_captioning(model, params, config, *, writer=None, step: int = 0) ->
       batch_size=int(ev.batch_size), tokenizer=ev.get("caption_tokenizer", "ptb"),
       label=f"beam {int(ev.num_beams)}, prompt {ev.caption_prompt!r}")
   if writer is not None:
-    writer.write(step, {"eval/CIDEr": r["scores"]["CIDEr"], "eval/BLEU-4": r["scores"]["BLEU-4"]})
+    writer.write(step, {"CIDEr": r["scores"]["CIDEr"], "BLEU-4": r["scores"]["BLEU-4"]},
+                 prefix="eval")
   return r
 
 
@@ -369,6 +370,6 @@ def evaluate_vqa(model, params, config, *, writer=None, step: int = 0) -> dict[s
   for e in examples:
     print(f"  {e['question']!r} -> {e['prediction']!r} (top human answer: {e['answer']!r})")
   if writer is not None:
-    writer.write(step, {"eval/vqa_accuracy": model_scores["accuracy"]})
+    writer.write(step, {"vqa_accuracy": model_scores["accuracy"]}, prefix="eval")
   return {"scores": model_scores, "baseline": baseline, "num_questions": len(scored),
           "skipped": [list(e) for e in skipped], "seconds": seconds, "examples": examples}

@@ -316,9 +316,10 @@ def format_vqa_scores(model: Mapping[str, Any], baseline: Mapping[str, Any]) -> 
     model: a :func:`vqa_soft_accuracy` result.
     baseline: a :func:`most_frequent_answer_baseline` result.
   """
-  lines = [f"{'':<28}{'VQA acc':>8}{'n':>6}"]
-  for name, s in (("model", model), ("baseline (most frequent)", baseline)):
-    lines.append(f"{name:<28}{100 * s['accuracy']:8.1f}{s['n']:6d}")
+  lines = [f"{'':<36}{'VQA acc':>8}{'n':>6}"]
+  for name, s in (("model", model), ("baseline (most frequent answer*)", baseline)):
+    lines.append(f"{name:<36}{100 * s['accuracy']:8.1f}{s['n']:6d}")
   if baseline.get("answer"):
-    lines.append(f"baseline answer: {baseline['answer']!r}")
+    lines.append(f"*baseline answer: {baseline['answer']!r}, the commonest top answer of these "
+                 "same questions (an optimistic prior-only floor)")
   return "\n".join(lines)

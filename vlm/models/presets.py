@@ -249,6 +249,14 @@ STAGE2_PRESET_NAMES = ("blip2_opt2.7b", "blip2_opt6.7b", "blip2_flant5xl", "blip
                        "blip2_opt_tiny", "blip2_t5_tiny", "blip2_opt_micro", "blip2_t5_micro")
 
 
+class UnknownPresetError(KeyError, ValueError):
+  """An unknown preset name (a KeyError, and a ValueError so that scripts/train.py reports it in
+  one line like other config mistakes)."""
+
+  def __str__(self):
+    return str(self.args[0]) if self.args else ""
+
+
 def get_preset(name: str, **overrides) -> Any:
   """Returns the preset called ``name``, with top-level fields replaced by ``overrides``.
 
@@ -256,7 +264,7 @@ def get_preset(name: str, **overrides) -> Any:
   ones (``qwen3_vl_8b``, ``qwen2_5_vl_7b``, ...) in :mod:`vlm.models.qwen_presets` and are found
   by the same call.
   Raises:
-    KeyError: for an unknown name, listing the known ones.
+    UnknownPresetError: (a KeyError and a ValueError) for an unknown name, listing the known ones.
   """
   from vlm.models import qwen_presets
   if name in qwen_presets.HF_CONFIGS:
@@ -266,6 +274,7 @@ def get_preset(name: str, **overrides) -> Any:
   elif name in STAGE2_PRESET_NAMES:
     preset = stage2_presets()[name]
   else:
-    raise KeyError(f"unknown preset {name!r}; known presets: "
-                   f"{sorted(PRESETS) + list(STAGE2_PRESET_NAMES) + sorted(qwen_presets.HF_CONFIGS)}")
+    raise UnknownPresetError(
+        f"unknown preset {name!r}; known presets: "
+        f"{sorted(PRESETS) + list(STAGE2_PRESET_NAMES) + sorted(qwen_presets.HF_CONFIGS)}")
   return dataclasses.replace(preset, **overrides) if overrides else preset

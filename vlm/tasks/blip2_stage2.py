@@ -129,6 +129,11 @@ def validate(config) -> None:
     ValueError / BadSampleError naming the setting, file or record.
   """
   from vlm.inference import blip2_generate
+  size = models.presets.get_preset(config.model.preset).vision.image_size
+  if int(config.data.image_size) != size:
+    raise ValueError(f"data.image_size={config.data.image_size} but the preset "
+                     f"{config.model.preset} takes {size}-px images: set "
+                     f"--config.data.image_size={size}")
   ev = config.eval
   if not config.eval.at_end:
     return
@@ -153,11 +158,20 @@ def _stage1_init(config, params, shardings):
   from vlm.train import checkpoint as ckpt
   workdir = config.init.stage1_workdir
   try:
+    _, run = ckpt.saved_run_config(workdir)
+  except FileNotFoundError as e:
+    raise FileNotFoundError(f"config.init.stage1_workdir: {e}") from None
+  if run.get("task") != "blip2_stage1":
+    raise ValueError(f"config.init.stage1_workdir={workdir!r} is a {run.get('task')!r} run; it "
+                     "needs a BLIP-2 stage-1 run (configs/blip2/stage1.py). To continue from an "
+                     "earlier stage-2 run use --config.init.workdir instead.")
+  try:
     return ckpt.init_params_from_workdir(params, shardings, workdir)
   except ValueError as e:
+    why = str(e).split(". Use a workdir")[0]
     raise ValueError(f"config.init.stage1_workdir={workdir!r} does not fit this stage-2 model "
-                     f"({config.model.preset}): {e}. Train stage 1 with the same Q-Former and "
-                     "vision sizes (e.g. configs/blip2/stage1.py:tiny for the tiny variants).") \
+                     f"({config.model.preset}): {why[:600]}. Train stage 1 with the same Q-Former "
+                     "and vision sizes (configs/blip2/stage1.py:tiny for the tiny variants).") \
         from None
 
 
@@ -252,6 +266,7 @@ def warmup_language_model(config, model, params, shardings):
     ``params`` with the trained ``language_model`` subtree (same shardings).
   """
   import optax
+  from vlm.train import checkpoint as ckpt
   init = config.init
   steps, batch_size = int(init.llm_warmup_steps), int(init.get("llm_warmup_batch", 32))
   processor = text_processor(config)
@@ -301,6 +316,7 @@ def warmup_language_model(config, model, params, shardings):
   for i in range(steps):
     chunk = rows[i * batch_size:(i + 1) * batch_size]
     batch = {k: np.stack([r[k] for r in chunk]) for k in chunk[0]}
+    ckpt.check_preemption()  # a SIGTERM / Ctrl-C during the warm-up stops the run at once
     lm, opt_state, value = step(lm, rest, opt_state, batch, jax.random.fold_in(key, i))
     if i == 0 or (i + 1) % max(1, steps // 5) == 0:
       losses.append(float(value))

@@ -69,23 +69,36 @@ class CheckpointMismatchError(ValueError):
   structure differ). The message lists the changed config keys and the mismatching arrays."""
 
 
+class Preempted(Exception):
+  """A preemption notice (SIGTERM, Ctrl-C) arrived before the first step: raised by long
+  start-up work (the first compile, a task's ``init_params`` such as an LLM warm-up) so the loop
+  exits at once with nothing new to save."""
+
+
 class PreemptionFlag:
-  """Set by SIGTERM/SIGINT (or by orbax's multi-host preemption sync); read by the loop.
+  """Set by SIGTERM / SIGINT (Ctrl-C) (or by orbax's multi-host preemption sync); read by the loop.
 
   Install it as early as possible (before data validation and compilation) so that a
   preemption notice during a long startup is seen: :meth:`wait` lets a caller block on other
-  work while staying responsive to it.
+  work while staying responsive to it, and :func:`check_preemption` lets start-up code (a task's
+  ``init_params``) stop between its own steps. A second Ctrl-C interrupts at once
+  (``KeyboardInterrupt``), for a run that does not reach a point where it can save.
   """
 
-  def __init__(self, signals=(signal.SIGTERM,)):
+  active: "PreemptionFlag | None" = None  # the flag of the running loop, for check_preemption
+
+  def __init__(self, signals=(signal.SIGTERM, signal.SIGINT)):
     self._event = threading.Event()
     self.signal_name = None
     self._previous = {}
     if threading.current_thread() is threading.main_thread():
       for sig in signals:
         self._previous[sig] = signal.signal(sig, self._handle)
+    PreemptionFlag.active = self
 
   def _handle(self, signum, frame):
+    if signum == signal.SIGINT and self._event.is_set():
+      raise KeyboardInterrupt  # the second Ctrl-C
     self.signal_name = signal.Signals(signum).name
     self._event.set()
 
@@ -99,6 +112,16 @@ class PreemptionFlag:
   def restore_handlers(self):
     for sig, handler in self._previous.items():
       signal.signal(sig, handler)
+    if PreemptionFlag.active is self:
+      PreemptionFlag.active = None
+
+
+def check_preemption() -> None:
+  """Raises :class:`Preempted` when the running loop's :class:`PreemptionFlag` is set (call it
+  between the steps of long start-up work; a no-op outside a training run)."""
+  flag = PreemptionFlag.active
+  if flag is not None and flag.is_set():
+    raise Preempted()
 
 
 def make_manager(workdir: str, *, save_interval_steps: int, max_to_keep: int = 3,
@@ -614,6 +637,27 @@ def _steps_newest_first(directory: str) -> list[int]:
     if name.isdigit() and os.path.isdir(os.path.join(directory, name)):
       steps.append(int(name))
   return sorted(steps, reverse=True)
+
+
+def saved_run_config(workdir: str):
+  """``(step, config)``: the run config stored with the newest checkpoint of ``workdir`` whose
+  metadata reads (parameters are not read).
+
+  Raises:
+    FileNotFoundError: not a training workdir, or no checkpoint with readable metadata.
+  """
+  directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+  if not os.path.isdir(directory):
+    raise FileNotFoundError(f"no checkpoints in {directory}: {workdir} is not a training workdir "
+                            "(train first with scripts/train.py --workdir ...)")
+  errors = []
+  for s in _steps_newest_first(directory):
+    try:
+      return s, _saved_run_config(directory, s)
+    except Exception as e:  # pylint: disable=broad-except  (damaged: try the one before)
+      errors.append(f"step {s}: {_first_line(e, 200)}")
+  raise FileNotFoundError(f"no checkpoint with a readable run config in {directory}"
+                          + (f": {'; '.join(errors)}" if errors else ""))
 
 
 def restore_run(workdir: str, step: int | None = None):

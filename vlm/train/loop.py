@@ -96,8 +96,7 @@ def _params_init(config, task, model):
   return transform
 
 
-class Preempted(Exception):
-  """Raised internally when a preemption notice arrives before the first step."""
+Preempted = ckpt.Preempted  # raised by start-up work when a preemption notice arrives
 
 
 def _compile_responsively(step_fn, args, preempt: "ckpt.PreemptionFlag", poll_s: float = 0.2):
@@ -212,7 +211,11 @@ def _run(config, workdir, stop_after, preempt) -> dict[str, Any]:
           init_fn, init_rng, tx, frozen, mesh, rules,
           params_transform=_params_init(config, task, model) if with_init else None)
 
-  state, state_shardings, mask = fresh_state(not has_checkpoint)
+  try:
+    state, state_shardings, mask = fresh_state(not has_checkpoint)
+  except Preempted:  # e.g. during the task's init_params (an LLM warm-up)
+    manager.close()
+    return _stopped_early(preempt, None)
   latest = None
   if has_checkpoint:
     abstract = ckpt.abstract_like(state, state_shardings)
