@@ -136,6 +136,24 @@ def test_stage1_workdir_of_another_size_is_a_clear_error(tmp_path, stage1_workdi
     loop.run(c, str(tmp_path))
 
 
+def test_sigterm_during_the_llm_warmup_stops_at_once(tmp_path, monkeypatch):
+  """A preemption notice during the task's start-up work (the LLM warm-up) ends the run before
+  the first step instead of after the whole warm-up (nothing to save yet)."""
+  import signal
+  texts = blip2_stage2._warmup_texts
+
+  def texts_then_sigterm(*args, **kwargs):  # the notice arrives as the warm-up starts
+    out = texts(*args, **kwargs)
+    os.kill(os.getpid(), signal.SIGTERM)
+    return out
+
+  monkeypatch.setattr(blip2_stage2, "_warmup_texts", texts_then_sigterm)
+  c = _stage2_config("opt", **{"init.llm_warmup_steps": 500})
+  res = loop.run(c, str(tmp_path))
+  assert res["stopped_by"] == "SIGTERM" and res["state"] is None
+  assert not os.listdir(tmp_path / "checkpoints")
+
+
 def test_frozen_and_trainable_parameter_counts_match_the_paper():
   """Spec 4.1: ViT-g + OPT-2.7B trains 107.1M parameters, + FlanT5-XL 106.7M (Q-Former,
   queries, ln_vision, projection); counted from shapes only."""

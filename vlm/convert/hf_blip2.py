@@ -22,12 +22,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping
 
 import flax
 import jax
 import numpy as np
 
+from vlm.convert import keymap
 from vlm.convert.hf_blip2_vision import vision_from_hf, vision_to_hf
 from vlm.convert.safetensors_io import read_safetensors_dir, write_safetensors_dir
 from vlm.models.presets import Blip2Config, Blip2VisionConfig, QFormerConfig
@@ -207,12 +208,6 @@ def qformer_entries(config: Blip2Config) -> list[_Entry]:
   return out
 
 
-def _format_keys(keys: Sequence[str], limit: int = 20) -> str:
-  keys = sorted(keys)
-  more = f" ... and {len(keys) - limit} more" if len(keys) > limit else ""
-  return ", ".join(keys[:limit]) + more
-
-
 def _flat(params: Mapping[str, Any]) -> dict[tuple[str, ...], Any]:
   params = flax.core.meta.unbox(flax.core.unfreeze(params))
   return {tuple(k): v for k, v in flax.traverse_util.flatten_dict(params).items()}
@@ -296,26 +291,10 @@ def load_hf_blip2(path: str, init_params: Mapping[str, Any] | None = None, seed:
 
 
 def _params_from_state(state: Mapping[str, np.ndarray], config: Blip2Config) -> dict:
-  entries = qformer_entries(config)
-  expected = {e[0] for e in entries}
   ours = {k: v for k, v in state.items()
           if not k.startswith("vision_model.") and k not in _IGNORED_HF_KEYS}
   problems = []
-  missing = sorted(expected - set(ours))
-  unknown = sorted(set(ours) - expected)
-  if missing:
-    problems.append(f"missing keys: {_format_keys(missing)}")
-  if unknown:
-    problems.append(f"unknown keys: {_format_keys(unknown)}")
-  flat: dict[tuple[str, ...], np.ndarray] = {}
-  for hf_key, path, op, shape in entries:
-    if hf_key not in ours:
-      continue
-    x = np.asarray(ours[hf_key])
-    if tuple(x.shape) != shape:
-      problems.append(f"{hf_key} has shape {tuple(x.shape)}, expected {shape}")
-      continue
-    flat[path] = np.ascontiguousarray(x.T) if op == "linear" else x
+  flat = keymap.hf_to_flat(ours, qformer_entries(config), problems)
   try:
     vision = vision_from_hf(state, config.vision, prefix="vision_model.")
   except ValueError as err:
@@ -340,25 +319,8 @@ def hf_state_from_params(config: Blip2Config, params: Mapping[str, Any]) -> dict
   vision_flat = {p[1:]: v for p, v in flat.items() if p[0] == "vision_model"}
   rest = {p: v for p, v in flat.items()
           if p[0] != "vision_model" and p not in STAGE1_ONLY_PATHS}
-  entries = qformer_entries(config)
-  expected = {e[1] for e in entries}
   problems = []
-  missing = sorted("/".join(p) for p in expected - set(rest))
-  unknown = sorted("/".join(p) for p in set(rest) - expected)
-  if missing:
-    problems.append(f"missing params: {_format_keys(missing)}")
-  if unknown:
-    problems.append(f"unknown params: {_format_keys(unknown)}")
-  state: dict[str, np.ndarray] = {}
-  for hf_key, path, op, shape in entries:
-    if path not in rest:
-      continue
-    x = np.asarray(rest[path])
-    x = np.ascontiguousarray(x.T) if op == "linear" else x
-    if tuple(x.shape) != shape:
-      problems.append(f"param {'/'.join(path)} gives HF shape {tuple(x.shape)}, expected {shape}")
-      continue
-    state[hf_key] = x
+  state = keymap.flat_to_hf(rest, qformer_entries(config), problems)
   try:
     state.update(vision_to_hf(flax.traverse_util.unflatten_dict(vision_flat), config.vision,
                               prefix="vision_model."))
@@ -510,14 +472,14 @@ def init_qformer_from_bert(params: Mapping[str, Any], config: Blip2Config, bert_
       norm(f"{hf}.output.LayerNorm", path + (f"output{suffix}", "LayerNorm"))
   if absent:
     raise ValueError(f"BERT checkpoint {bert_dir} lacks keys (with or without 'bert.'): "
-                     f"{_format_keys(absent)}")
+                     f"{keymap.format_keys(absent)}")
   if text_input and _bert_get(state, "cls.predictions.transform.dense.weight") is not None:
     head = ("cls", "predictions")
     linear("cls.predictions.transform.dense", head + ("transform", "dense"))
     norm("cls.predictions.transform.LayerNorm", head + ("transform", "LayerNorm"))
     bias = need("cls.predictions.bias")
     if absent:
-      raise ValueError(f"BERT checkpoint {bert_dir} lacks keys: {_format_keys(absent)}")
+      raise ValueError(f"BERT checkpoint {bert_dir} lacks keys: {keymap.format_keys(absent)}")
     new[head + ("bias",)] = resized_rows(bias, q.vocab_size, "cls.predictions.bias")
   return _replace_leaves(params, new)
 
@@ -645,25 +607,9 @@ def _llm_from_state(state, config, scan_layers: bool, dtype=None) -> dict:
 
 
 def _qformer_from_state(state, config, problems: list) -> dict:
-  entries = stage2_qformer_entries(config)
-  expected = {e[0] for e in entries}
   ours = {k: v for k, v in state.items() if not k.startswith(("vision_model.", "language_model."))
           and k not in _IGNORED_HF_KEYS}
-  missing = sorted(expected - set(ours))
-  unknown = sorted(set(ours) - expected)
-  if missing:
-    problems.append(f"missing keys: {_format_keys(missing)}")
-  if unknown:
-    problems.append(f"unknown keys: {_format_keys(unknown)}")
-  flat = {}
-  for hf_key, path, op, shape in entries:
-    if hf_key not in ours:
-      continue
-    x = np.asarray(ours[hf_key])
-    if tuple(x.shape) != shape:
-      problems.append(f"{hf_key} has shape {tuple(x.shape)}, expected {shape}")
-      continue
-    flat[path] = np.ascontiguousarray(x.T) if op == "linear" else x
+  flat = keymap.hf_to_flat(ours, stage2_qformer_entries(config), problems)
   try:
     flat.update({("vision_model",) + k: v for k, v in _flat(
         vision_from_hf(state, config.vision, prefix="vision_model.")).items()})
@@ -716,21 +662,9 @@ def hf_state_from_stage2_params(config, params: Mapping[str, Any], *,
     params = params["params"]
   params = flax.linen.unbox(dict(params))
   flat = _flat({k: v for k, v in params.items() if k != "language_model"})
-  entries = stage2_qformer_entries(config)
-  expected = {e[1] for e in entries}
   rest = {p: v for p, v in flat.items() if p[0] != "vision_model"}
   problems = []
-  missing = sorted("/".join(p) for p in expected - set(rest))
-  unknown = sorted("/".join(p) for p in set(rest) - expected)
-  if missing:
-    problems.append(f"missing params: {_format_keys(missing)}")
-  if unknown:
-    problems.append(f"unknown params: {_format_keys(unknown)}")
-  state: dict[str, np.ndarray] = {}
-  for hf_key, path, op, shape in entries:
-    if path in rest:
-      x = np.asarray(rest[path])
-      state[hf_key] = np.ascontiguousarray(x.T) if op == "linear" else x
+  state = keymap.flat_to_hf(rest, stage2_qformer_entries(config), problems)
   vision = flax.traverse_util.unflatten_dict({p[1:]: v for p, v in flat.items()
                                               if p[0] == "vision_model"})
   try:

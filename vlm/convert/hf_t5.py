@@ -34,6 +34,7 @@ import flax
 import jax
 import numpy as np
 
+from vlm.convert import keymap
 from vlm.convert.safetensors_io import read_safetensors_dir, write_safetensors_dir
 from vlm.models.qwen3 import stack_layers, unstack_layers
 from vlm.models.t5 import T5Config
@@ -87,12 +88,6 @@ def t5_entries(config: T5Config) -> list[_Entry]:
   return out
 
 
-def _format_keys(keys, limit: int = 20) -> str:
-  keys = sorted(keys)
-  more = f" ... and {len(keys) - limit} more" if len(keys) > limit else ""
-  return ", ".join(keys[:limit]) + more
-
-
 def t5_params_from_hf_state(state: Mapping[str, np.ndarray], config: T5Config, prefix: str = "",
                             scan_layers: bool = False, dtype: Any = None) -> dict:
   """HF state dict (numpy) -> :class:`T5ForConditionalGeneration` params.
@@ -112,33 +107,18 @@ def t5_params_from_hf_state(state: Mapping[str, np.ndarray], config: T5Config, p
   """
   ours = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
   entries = t5_entries(config)
-  expected = {e[0] for e in entries}
   optional = set(_TIED_COPIES) | set(_IGNORED)
   if config.tie_word_embeddings:
     optional.add("lm_head.weight")
   problems = []
-  missing = sorted(expected - set(ours))
-  unknown = sorted(set(ours) - expected - optional)
-  if missing:
-    problems.append(f"missing keys: {_format_keys(prefix + k for k in missing)}")
-  if unknown:
-    problems.append(f"unknown keys: {_format_keys(prefix + k for k in unknown)}")
+  flat = keymap.hf_to_flat(ours, entries, problems, optional=optional, name_prefix=prefix,
+                           dtype=dtype)
   shared = ours.get("shared.weight")
   for key in sorted((set(_TIED_COPIES) | {"lm_head.weight"}) & optional & set(ours)):
     if shared is not None and (np.shape(ours[key]) != np.shape(shared)
                                or not np.array_equal(np.asarray(ours[key]), np.asarray(shared))):
       problems.append(f"{prefix}{key} differs from {prefix}shared.weight but the model ties them "
                       "(tie_word_embeddings / T5's shared input embedding)")
-  flat = {}
-  for hf_key, path, op, shape in entries:
-    if hf_key not in ours:
-      continue
-    x = np.asarray(ours[hf_key])
-    if tuple(x.shape) != shape:
-      problems.append(f"{prefix}{hf_key} has shape {tuple(x.shape)}, expected {shape}")
-      continue
-    x = np.ascontiguousarray(x.T) if op == "linear" else x
-    flat[path] = x if dtype is None else x.astype(dtype)
   if problems:
     raise ValueError("cannot convert the HF T5 checkpoint: " + "; ".join(problems))
   params = flax.traverse_util.unflatten_dict(flat)
@@ -183,26 +163,9 @@ def hf_state_from_t5_params(params: Mapping[str, Any], config: T5Config, prefix:
   if scan_layers:
     params = {k: (unstack_layers(v) if k in ("encoder", "decoder") else v)
               for k, v in params.items()}
-  flat = flax.traverse_util.flatten_dict(dict(params))
-  entries = t5_entries(config)
-  expected = {e[1] for e in entries}
   problems = []
-  missing = sorted("/".join(p) for p in expected - set(flat))
-  unknown = sorted("/".join(p) for p in set(flat) - expected)
-  if missing:
-    problems.append(f"missing params: {_format_keys(missing)}")
-  if unknown:
-    problems.append(f"unknown params: {_format_keys(unknown)}")
-  state = {}
-  for hf_key, path, op, shape in entries:
-    if path not in flat:
-      continue
-    x = np.asarray(flat[path])
-    x = np.ascontiguousarray(x.T) if op == "linear" else x
-    if tuple(x.shape) != shape:
-      problems.append(f"param {'/'.join(path)} gives HF shape {tuple(x.shape)}, expected {shape}")
-      continue
-    state[prefix + hf_key] = x
+  state = keymap.flat_to_hf(flax.traverse_util.flatten_dict(dict(params)), t5_entries(config),
+                            problems, prefix=prefix)
   if problems:
     raise ValueError("cannot convert T5 params to HF: " + "; ".join(problems))
   return state
