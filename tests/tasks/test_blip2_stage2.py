@@ -18,7 +18,7 @@ from vlm.tasks import blip2_stage2
 from vlm.train import checkpoint as ckpt
 from vlm.train import loop, optim
 
-from tests.train.micro import micro_config
+from tests.train.micro import micro_config, set_dotted
 
 
 def _stage2_config(kind, stage1_workdir="", total_steps=4, **over):
@@ -43,13 +43,7 @@ def _stage2_config(kind, stage1_workdir="", total_steps=4, **over):
   c.eval.vqa_max_new_tokens = 4
   c.eval.caption_tokenizer = "basic"
   c.mesh.shape = {"data": 1, "fsdp": -1, "tensor": 1, "expert": 1}
-  for k, v in over.items():
-    node = c
-    *parts, last = k.split(".")
-    for p in parts:
-      node = node[p]
-    node[last] = v
-  return c
+  return set_dotted(c, over)
 
 
 @pytest.fixture(scope="module")

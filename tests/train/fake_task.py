@@ -19,6 +19,8 @@ import numpy as np
 
 from vlm.nn import partitioning as P
 
+from tests.train.micro import set_dotted
+
 LOG_KEYS = ("loss", "mse", "weight_sum")
 THROUGHPUT_UNIT = "tokens"
 D = 8
@@ -150,10 +152,4 @@ def get_config(**over):
   c.checkpoint = ml_collections.ConfigDict(dict(every_steps=2, max_to_keep=3, async_save=False))
   c.log_every_steps = 1
   c.eval = ml_collections.ConfigDict(dict(at_end=True, heldout=True))
-  for k, v in over.items():
-    node = c
-    *parts, last = k.split(".")
-    for p in parts:
-      node = node[p]
-    node[last] = v
-  return c
+  return set_dotted(c, over)

@@ -26,6 +26,11 @@ def micro_config(total_steps=4, **over):
   c.log_every_steps = 1
   c.eval.at_end = False
   c.mesh.shape = {"data": 1, "fsdp": -1, "tensor": 1}
+  return set_dotted(c, over)
+
+
+def set_dotted(c, over):
+  """``c`` with ``over``'s dotted keys (``{"eval.at_end": True}``) set, as ``--config.a.b=v``."""
   for k, v in over.items():
     node = c
     *parts, last = k.split(".")
