@@ -310,6 +310,32 @@ def check_loader_args(global_batch_size: int, seed: Any, process_index: int,
     raise ValueError(f"seed must be an int in [0, 2**32), got {seed!r}")
 
 
+def training_source(data_cfg: Any, *, max_words: int, on_bad_sample: str):
+  """The validated training records of ``data_cfg``: ``(source, DataStats)``.
+
+  Bad records are dropped (:func:`validate_records`); ``data_cfg.caption_sampling`` then picks
+  one record per caption (``"per_caption"``, default) or per image (``"per_image"``,
+  :class:`PerImageSource`).
+
+  Raises:
+    ValueError: an unknown ``caption_sampling``; what :func:`validate_records` raises.
+  """
+  sampling = _get(data_cfg, "caption_sampling", "per_caption")
+  if sampling not in ("per_caption", "per_image"):
+    raise ValueError(f"data.caption_sampling must be 'per_caption' (each caption a record) or "
+                     f"'per_image' (each image a record, one caption drawn per use), got "
+                     f"{sampling!r}")
+  ann, image_dir = split_paths(data_cfg, "train")
+  source = CocoCaptionsSource(ann, image_dir)
+  kept, stats = validate_records(
+      source, max_words=max_words, on_bad_sample=on_bad_sample,
+      validate_images=_get(data_cfg, "validate_images", "decode"))
+  kept_source = SubsetSource(source, kept)
+  if sampling == "per_image":
+    kept_source = PerImageSource(kept_source)
+  return kept_source, stats
+
+
 def build_blip2_train_loader(
     data_cfg: Any,
     *,
@@ -360,19 +386,8 @@ def build_blip2_train_loader(
   on_bad_sample = _get(data_cfg, "on_bad_sample", "skip")
   max_words = int(_get(data_cfg, "max_words", 50))
 
-  ann, image_dir = split_paths(data_cfg, "train")
-  source = CocoCaptionsSource(ann, image_dir)
-  kept, stats = validate_records(
-      source, max_words=max_words, on_bad_sample=on_bad_sample,
-      validate_images=_get(data_cfg, "validate_images", "decode"))
-  kept_source = SubsetSource(source, kept)
-  sampling = _get(data_cfg, "caption_sampling", "per_caption")
-  if sampling not in ("per_caption", "per_image"):
-    raise ValueError(f"data.caption_sampling must be 'per_caption' (each caption a record) or "
-                     f"'per_image' (each image a record, one caption drawn per use), got "
-                     f"{sampling!r}")
-  if sampling == "per_image":
-    kept_source = PerImageSource(kept_source)
+  kept_source, stats = training_source(data_cfg, max_words=max_words,
+                                       on_bad_sample=on_bad_sample)
   if len(kept_source) < process_count:
     raise ValueError(f"only {len(kept_source)} usable records for {process_count} processes")
 
