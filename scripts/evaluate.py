@@ -73,13 +73,11 @@ def main(argv):
       kw["scan_layers"] = bool(config.model.scan_layers)
     model, params, _ = vlm.load_pretrained(FLAGS.hf_checkpoint, **kw)
     want = task.build_model(config)  # a module only: no parameters are made
-    kind = lambda m: (type(m).__name__, getattr(getattr(m.config, "llm", None), "__class__", None))
+    kind = lambda m: f"{type(m).__name__} ({type(getattr(m.config, 'llm', None)).__name__})"
     if kind(model) != kind(want):
-      raise ValueError(f"{FLAGS.hf_checkpoint} holds a {type(model).__name__} "
-                       f"({type(getattr(model.config, 'llm', None)).__name__}) but --config "
-                       f"{config.task} builds a {type(want).__name__} "
-                       f"({type(getattr(want.config, 'llm', None)).__name__}): pick the config "
-                       "of that model (e.g. stage2_opt.py for OPT, stage2_t5.py for FlanT5)")
+      raise ValueError(f"{FLAGS.hf_checkpoint} holds a {kind(model)} but --config {config.task} "
+                       f"builds a {kind(want)}: pick the config of that model (e.g. "
+                       "stage2_opt.py for OPT, stage2_t5.py for FlanT5)")
     step = 0
   elif FLAGS.workdir:
     _, saved = checkpoint.saved_run_config(FLAGS.workdir)

@@ -231,6 +231,11 @@ def test_load_language_model(hf_dir, tmp_path):
   assert got.keys() == want.keys()
   for p in want:
     np.testing.assert_array_equal(got[p], want[p], err_msg="/".join(p))
+  # the LLM inside a stage-2 BLIP-2 directory (init.hf_checkpoint) reads the same
+  inside = load_hf_language_model(path, config)
+  assert inside.keys() == want.keys()
+  for p in want:
+    np.testing.assert_array_equal(inside[p], want[p], err_msg="/".join(p))
   # scanned layout = the scanned full load
   _, scanned = load_hf_blip2_stage2(path, scan_layers=True)
   got = load_hf_language_model(llm_dir, config, scan_layers=True)

@@ -735,7 +735,8 @@ def load_hf_blip2_qformer(path: str, config) -> dict[tuple[str, ...], np.ndarray
 
 def load_hf_language_model(path: str, config, *, scan_layers: bool = False):
   """A plain HF ``OPTForCausalLM`` / ``T5ForConditionalGeneration`` directory (facebook/opt-2.7b,
-  google/flan-t5-xl) as flat ``{("language_model", ...): array}`` of a ``Blip2Stage2``.
+  google/flan-t5-xl), or the language model of an HF ``Blip2ForConditionalGeneration`` directory,
+  as flat ``{("language_model", ...): array}`` of a ``Blip2Stage2``.
 
   Raises:
     ValueError: an LLM of another kind or size than ``config.llm`` (the differing fields listed;
@@ -744,7 +745,8 @@ def load_hf_language_model(path: str, config, *, scan_layers: bool = False):
   from vlm.convert import hf_opt, hf_t5
   with open(_config_file(path)) as fh:
     hf = json.load(fh)
-  other = _llm_config_from_hf(hf)
+  stage2 = "Blip2ForConditionalGeneration" in (hf.get("architectures") or [])
+  other = _llm_config_from_hf(hf.get("text_config") or {} if stage2 else hf)
   if type(other) is not type(config.llm):
     raise ValueError(f"{path} holds a {type(other).__name__} language model but the preset needs "
                      f"a {type(config.llm).__name__}")
@@ -758,7 +760,9 @@ def load_hf_language_model(path: str, config, *, scan_layers: bool = False):
     raise ValueError(f"the language model in {path} does not fit the preset: {'; '.join(diffs)}; "
                      "pick the preset of that LLM (or set model.overrides)")
   state = read_safetensors_dir(path)
-  if config.llm_kind == "opt":
+  if stage2:
+    llm = _llm_from_state(state, config, scan_layers)
+  elif config.llm_kind == "opt":
     llm = hf_opt.opt_params_from_hf_state(state, config.llm, scan_layers=scan_layers)
   else:
     llm = hf_t5.t5_params_from_hf_state(state, config.llm, scan_layers=scan_layers)

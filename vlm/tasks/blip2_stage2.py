@@ -20,7 +20,8 @@ Initial weights (``config.init``, a fresh run only):
   with), or from ``hf_checkpoint`` (an HF BLIP-2 directory, stage 1 or stage 2), or the Q-Former's
   BERT part from ``bert_dir`` ("minilm");
 * the LLM from ``llm_checkpoint`` (a plain HF ``OPTForCausalLM`` / ``T5ForConditionalGeneration``
-  directory, as BLIP-2 starts from facebook/opt-2.7b or google/flan-t5-xl), or, when none is given
+  directory, as BLIP-2 starts from facebook/opt-2.7b or google/flan-t5-xl), else from
+  ``hf_checkpoint`` when that is a stage-2 directory (it holds its LLM), or, when none is given
   and ``llm_warmup_steps > 0``, trained here first as a plain language model on the training
   captions (no pretrained LLM installs offline; a random frozen LLM cannot be bridged to) and then
   frozen for stage 2.
@@ -197,11 +198,10 @@ def _bert_init(config, model, params, shardings):
   return _place_host_leaves(params, shardings, host)
 
 
-def _llm_checkpoint_init(config, model, params, shardings):
+def _llm_checkpoint_init(llm_dir, model, params, shardings):
   from vlm.convert import hf_blip2
-  host = hf_blip2.load_hf_language_model(config.init.llm_checkpoint, model.config,
-                                         scan_layers=model.scan_layers)
-  log.info("initialised the frozen LLM from %s (%d arrays)", config.init.llm_checkpoint, len(host))
+  host = hf_blip2.load_hf_language_model(llm_dir, model.config, scan_layers=model.scan_layers)
+  log.info("initialised the frozen LLM from %s (%d arrays)", llm_dir, len(host))
   return _place_host_leaves(params, shardings, host)
 
 
@@ -222,20 +222,20 @@ def init_params(config, model, params, shardings):
   else:
     log.warning("the Q-Former starts from random weights (no init.stage1_workdir, "
                 "init.hf_checkpoint or init.bert_dir)")
-  if init.get("llm_checkpoint", ""):
-    params = _llm_checkpoint_init(config, model, params, shardings)
+  # the LLM: a plain HF OPT/T5 directory, else the one inside an HF stage-2 BLIP-2 directory
+  llm_dir = init.get("llm_checkpoint", "")
+  if not llm_dir and init.get("hf_checkpoint", ""):
+    from vlm.convert import hf_blip2
+    if hf_blip2.is_conditional_generation(init.hf_checkpoint):
+      llm_dir = init.hf_checkpoint
+  if llm_dir:
+    params = _llm_checkpoint_init(llm_dir, model, params, shardings)
   elif int(init.get("llm_warmup_steps", 0)) > 0:
     params = warmup_language_model(config, model, params, shardings)
-  elif not (init.get("hf_checkpoint", "") and hf_blip2_has_llm(init.hf_checkpoint)):
+  else:
     log.warning("the frozen LLM keeps its random initial weights: set init.llm_checkpoint to an "
                 "HF OPT/T5 directory (or init.llm_warmup_steps for the CPU variants)")
   return params
-
-
-def hf_blip2_has_llm(path: str) -> bool:
-  """True when the HF BLIP-2 directory is a stage-2 model (it holds the language model)."""
-  from vlm.convert import hf_blip2
-  return hf_blip2.is_conditional_generation(path)
 
 
 def _warmup_texts(config, processor, n: int, seed: int) -> list[dict[str, np.ndarray]]:
