@@ -313,6 +313,51 @@ def _check_settings(num_samples, top_k, top_p, temperature, max_new_tokens, min_
     raise ValueError(f"max_images must be None (all) or an int >= 1, got {max_images!r}")
 
 
+def _human_rows(captions, max_words: int, stats) -> list[tuple[int, str, str]]:
+  """An image's usable human captions ``(original_id, caption, key)``, duplicates collapsed
+  (counted in ``stats``)."""
+  rows, keys = [], set()
+  for cid, cap in captions:
+    stats.human_captions += 1
+    k = _usable(cap, max_words)
+    if k is None:
+      stats.human_degenerate += 1
+    elif k in keys:
+      stats.human_duplicates += 1
+    else:
+      keys.add(k)
+      rows.append((cid, cap, k))
+  return rows
+
+
+def _candidates(human_rows, synthetic, max_words: int, stats) -> list[tuple[str, str, Any]]:
+  """``(caption, source, original_id)`` to rank: the human rows, then the usable synthetic
+  captions that repeat none of them (degenerate and duplicate ones counted in ``stats``)."""
+  cands = [(cap, "human", cid) for cid, cap, _ in human_rows]
+  keys = {k for _, _, k in human_rows}
+  for cap in synthetic:
+    stats.synthetic_sampled += 1
+    cap = cap.strip()
+    k = _usable(cap, max_words)
+    if k is None:
+      stats.synthetic_degenerate += 1
+    elif k in keys:
+      stats.synthetic_duplicates += 1
+    else:
+      keys.add(k)
+      cands.append((cap, "synthetic", None))
+  return cands
+
+
+def _checked_scores(scores, cands, path: str) -> np.ndarray:
+  """One finite float64 score per candidate, or a ValueError naming the image."""
+  s = np.asarray(scores, np.float64).reshape(-1)
+  if s.shape[0] != len(cands) or not np.all(np.isfinite(s)):
+    raise ValueError(f"the scorer returned {s.tolist()} for the {len(cands)} candidates of "
+                     f"{path}; it must return one finite score per caption")
+  return s
+
+
 def capfilt(captioner, scorer: ScoreFn, annotations: str, image_dir: str, *,
             num_samples: int = 10, top_k: int = 2, top_p: float = 0.9, temperature: float = 1.0,
             max_new_tokens: int = 30, min_new_tokens: int = 5, prompt: str = "a photo of",
@@ -378,20 +423,7 @@ def capfilt(captioner, scorer: ScoreFn, annotations: str, image_dir: str, *,
       a["original_id"] = original_id
     out_anns.append(a)
 
-  def humans_of(image_id):
-    """Usable human captions ``(original_id, caption, key)``, duplicates collapsed."""
-    rows, keys = [], set()
-    for cid, cap in human.get(image_id, []):
-      stats.human_captions += 1
-      k = _usable(cap, max_words)
-      if k is None:
-        stats.human_degenerate += 1
-      elif k in keys:
-        stats.human_duplicates += 1
-      else:
-        keys.add(k)
-        rows.append((cid, cap, k))
-    return rows
+  humans_of = lambda image_id: _human_rows(human.get(image_id, []), max_words, stats)
 
   for start in range(0, len(order), batch_size):
     chunk = order[start:start + batch_size]
@@ -423,39 +455,21 @@ def capfilt(captioner, scorer: ScoreFn, annotations: str, image_dir: str, *,
         rows, prompt, num_beams=1, temperature=float(temperature), top_p=float(top_p),
         max_new_tokens=int(max_new_tokens), min_new_tokens=int(min_new_tokens),
         rng=jax.random.fold_in(key, start))
-    candidates = []
-    for j, i in enumerate(ok_score):
-      image_id, _ = chunk[i]
-      cands = [(cap, "human", cid) for cid, cap, _ in humans_of(image_id)]
-      keys = {_usable(c, max_words) for c, _, _ in cands}
-      for cap in synthetic[j * num_samples:(j + 1) * num_samples]:
-        stats.synthetic_sampled += 1
-        cap = cap.strip()
-        k = _usable(cap, max_words)
-        if k is None:
-          stats.synthetic_degenerate += 1
-        elif k in keys:
-          stats.synthetic_duplicates += 1
-        else:
-          keys.add(k)
-          cands.append((cap, "synthetic", None))
-      candidates.append(cands)
+    candidates = [_candidates(humans_of(chunk[i][0]),
+                              synthetic[j * num_samples:(j + 1) * num_samples], max_words, stats)
+                  for j, i in enumerate(ok_score)]
     scores = scorer(score_pixels, [[c for c, _, _ in cs] for cs in candidates])
     if len(scores) != len(candidates):
       raise ValueError(f"the scorer returned {len(scores)} score arrays for {len(candidates)} "
                        "images; it must return one per image")
     for j, i in enumerate(ok_score):
       image_id, path = chunk[i]
-      cands = candidates[j]
-      s = np.asarray(scores[j], np.float64).reshape(-1)
-      if s.shape[0] != len(cands) or not np.all(np.isfinite(s)):
-        raise ValueError(f"the scorer returned {s.tolist()} for the {len(cands)} candidates of "
-                         f"{path}; it must return one finite score per caption")
+      s = _checked_scores(scores[j], candidates[j], path)
       stats.images_scored += 1
-      stats.candidates += len(cands)
+      stats.candidates += len(candidates[j])
       cand_scores.extend(s.tolist())
       for r in np.argsort(-s, kind="stable")[:top_k]:  # ties keep candidate order
-        cap, src, cid = cands[r]
+        cap, src, cid = candidates[j][r]
         emit(image_id, cap, src, float(s[r]), cid)
         kept_scores.append(float(s[r]))
         if src == "human":
