@@ -5,9 +5,18 @@ r"""Train a vlm model from an ml_collections config.
 
 Rerunning with the same --workdir resumes from its latest checkpoint. Bad data, a checkpoint that
 does not fit the config, a full disk or a NaN loss end the run with one ``error: ...`` line that
-names the record, key or file and the fix (``VLM_TRACEBACK=1`` shows the traceback). On a multi-host TPU pod run
-the same command on every host; jax.distributed is initialised when --multihost is set (or the
-TPU environment provides it).
+names the record, key or file and the fix (``VLM_TRACEBACK=1`` shows the traceback).
+
+Several processes (hosts): run the same command on every one of them, with
+
+  --multihost                     on a TPU pod slice (or under Slurm / Open MPI): the cluster is
+                                  auto-detected;
+  --coordinator_address=HOST:PORT --num_processes=N --process_id=I [--local_device_ids=0,1,...]
+                                  anywhere else (a GPU cluster, or N local processes for a test:
+                                  --coordinator_address=127.0.0.1:PORT).
+
+Every process reads its own share of the data, writes its own shards of the checkpoint, and
+process 0 alone writes metrics, TensorBoard and the evaluation results.
 """
 import logging
 import os
@@ -21,7 +30,14 @@ from ml_collections import config_flags  # noqa: E402
 config_flags.DEFINE_config_file("config", None, "Config file (path.py[:variant]).",
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and results.")
-flags.DEFINE_bool("multihost", False, "Call jax.distributed.initialize() first.")
+flags.DEFINE_bool("multihost", False, "Start jax.distributed with cluster auto-detection (TPU pod "
+                  "slice, Slurm, Open MPI); elsewhere use --coordinator_address and friends.")
+flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-process run; "
+                    "with --num_processes and --process_id).")
+flags.DEFINE_integer("num_processes", None, "Number of processes of a multi-process run.")
+flags.DEFINE_integer("process_id", None, "This process's index, 0..num_processes-1.")
+flags.DEFINE_list("local_device_ids", None, "Optional: the local devices this process uses "
+                  "(e.g. 0,1 for one process per pair of GPUs).")
 flags.DEFINE_string("compilation_cache", "~/.cache/vlm/jax",
                     "Persistent XLA compilation cache (a resumed run skips recompiling); '' = off.")
 flags.mark_flags_as_required(["config", "workdir"])
@@ -33,9 +49,17 @@ def main(argv):
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
   for name in ("absl", "jax._src.xla_bridge", "orbax"):
     logging.getLogger(name).setLevel(logging.WARNING)
+  from vlm.train.cli import ConfigError, init_distributed
+  try:
+    init_distributed(multihost=FLAGS.multihost, coordinator_address=FLAGS.coordinator_address,
+                     num_processes=FLAGS.num_processes, process_id=FLAGS.process_id,
+                     local_device_ids=[int(i) for i in FLAGS.local_device_ids or []])
+  except ConfigError as e:
+    sys.exit(f"error: {e}")
   import jax
-  if FLAGS.multihost:
-    jax.distributed.initialize()
+  if jax.process_count() > 1:
+    logging.info("process %d of %d, %d local devices of %d", jax.process_index(),
+                 jax.process_count(), jax.local_device_count(), jax.device_count())
   if FLAGS.compilation_cache:
     jax.config.update("jax_compilation_cache_dir", os.path.expanduser(FLAGS.compilation_cache))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 5.0)

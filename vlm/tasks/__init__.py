@@ -81,6 +81,7 @@ Config fields the loop itself reads: ``task``, ``seed``, ``prng_impl`` (optional
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from types import ModuleType
 from typing import Any
 
@@ -99,19 +100,26 @@ REQUIRED = ("build_model", "example_batch", "init_model", "batch_axes", "train_d
 
 
 def get_task(name: str) -> ModuleType:
-  """The task module registered as ``name``.
+  """The task module registered as ``name``, or the module at the dotted path ``name`` (a task
+  kept outside vlm, e.g. ``"tests.train.fake_task"``: importable from the working directory).
 
   Raises:
     ValueError: an unknown name (the message lists the registered tasks), or a module lacking
       part of the interface (the message lists what is missing).
   """
-  if name not in TASKS:
+  path = TASKS.get(name)
+  if path is None and "." in name:
+    try:
+      path = name if importlib.util.find_spec(name) is not None else None
+    except ImportError:  # a parent package that does not exist
+      path = None
+  if path is None:
     raise ValueError(f"unknown task {name!r}; registered tasks: {', '.join(sorted(TASKS))} "
                      "(set config.task, or register a new one in vlm/tasks/__init__.py)")
-  module = importlib.import_module(TASKS[name])
+  module = importlib.import_module(path)
   missing = [a for a in REQUIRED if not hasattr(module, a)]
   if missing:
-    raise ValueError(f"task module {TASKS[name]} lacks {missing} of the task interface "
+    raise ValueError(f"task module {path} lacks {missing} of the task interface "
                      "(see vlm/tasks/__init__.py)")
   return module
 

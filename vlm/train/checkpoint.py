@@ -39,6 +39,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import threading
@@ -384,6 +385,15 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state, data_iter, *,
           f"has other arrays ({len(mismatch)} differ, e.g. {'; '.join(mismatch[:3])}). Changed "
           f"config keys: {_format_changes(changes) or 'none recorded'}. Use a new --workdir "
           "for a different model, or restore the original config.")
+    saved_procs = saved_process_count(str(manager.directory), step)
+    if saved_procs is not None and saved_procs != jax.process_count():
+      raise CheckpointMismatchError(
+          f"cannot resume {manager.directory} step {step} exactly with {jax.process_count()} "
+          f"process(es): it was saved by {saved_procs}, and each process's data-iterator "
+          f"position is its own. Resume with {saved_procs} processes (--num_processes="
+          f"{saved_procs}; any number of devices per process and any mesh: the arrays are "
+          "re-sharded on restore), or start a new --workdir with --config.init.workdir=<this "
+          "workdir> (its parameters; the optimizer state and data position start afresh).")
     try:
       restored = manager.restore(step, args=ocp.args.Composite(
           state=ocp.args.StandardRestore(abstract_state),
@@ -412,6 +422,20 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state, data_iter, *,
     log.warning("checkpoint step %d is damaged (%s); moved it to %s; no intact checkpoint is "
                 "left, starting from the initial parameters", s, why, path)
   return None, None, None
+
+
+def saved_process_count(directory: str, step: int) -> int | None:
+  """The number of processes that saved checkpoint ``step`` of ``directory`` (the
+  ``checkpoints`` folder), from its per-process data-iterator files
+  (``data_iter/process_<i>-of-<n>.json``); None when there are none to tell."""
+  folder = os.path.join(directory, str(step), "data_iter")
+  counts = set()
+  if os.path.isdir(folder):
+    for name in os.listdir(folder):
+      m = re.fullmatch(r"process_(\d+)-of-(\d+)\.json", name)
+      if m:
+        counts.add(int(m.group(2)))
+  return counts.pop() if len(counts) == 1 else None
 
 
 def _stream_mismatch(e: BaseException):

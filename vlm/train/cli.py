@@ -118,3 +118,62 @@ def check_config_argv(argv: Sequence[str], flag: str = "config") -> None:
     if arg.startswith(prefix):
       key = arg[len(prefix):].split("=", 1)[0]
       check_override_key(config, key)
+
+
+def init_distributed(*, multihost: bool = False, coordinator_address: str | None = None,
+                     num_processes: int | None = None, process_id: int | None = None,
+                     local_device_ids: Sequence[int] | None = None) -> bool:
+  """Starts ``jax.distributed`` for a multi-process run (call it before any other jax work).
+
+  Two ways, as on a pod slice or a GPU cluster:
+
+  * ``coordinator_address`` (``host:port`` of process 0), ``num_processes`` and ``process_id``
+    given (``local_device_ids`` optional): passed to ``jax.distributed.initialize`` as they are;
+  * ``multihost`` alone: the cluster is auto-detected (TPU pod slice metadata, Slurm, Open MPI).
+
+  Returns whether ``jax.distributed`` was initialised (False: a single-process run).
+
+  Raises:
+    ConfigError: part of the explicit flags only (names the missing ones), a ``process_id``
+      outside ``[0, num_processes)``, or ``multihost`` with no cluster detected (names the flags
+      to pass instead).
+  """
+  explicit = {"--coordinator_address": coordinator_address, "--num_processes": num_processes,
+              "--process_id": process_id}
+  given = [k for k, v in explicit.items() if v not in (None, "")]
+  if not given and not multihost:
+    if local_device_ids:
+      raise ConfigError("--local_device_ids applies to a multi-process run: add --multihost or "
+                        "--coordinator_address/--num_processes/--process_id")
+    return False
+  import jax
+  if given:
+    missing = [k for k in explicit if k not in given]
+    if missing:
+      raise ConfigError(f"{', '.join(given)} given without {', '.join(missing)}: a multi-process "
+                        "run needs all three (--coordinator_address=<process 0 host>:<port> "
+                        "--num_processes=N --process_id=0..N-1), or --multihost alone for "
+                        "cluster auto-detection")
+    if num_processes < 1 or not 0 <= process_id < num_processes:
+      raise ConfigError(f"--process_id={process_id} is not in [0, --num_processes="
+                        f"{num_processes})")
+    if ":" not in coordinator_address:
+      raise ConfigError(f"--coordinator_address={coordinator_address!r} needs a port: "
+                        "<process 0 host>:<port>, e.g. 10.0.0.1:1234")
+    jax.distributed.initialize(
+        coordinator_address=coordinator_address, num_processes=num_processes,
+        process_id=process_id,
+        local_device_ids=list(local_device_ids) if local_device_ids else None)
+    return True
+  try:
+    jax.distributed.initialize(
+        local_device_ids=list(local_device_ids) if local_device_ids else None)
+  except (ValueError, RuntimeError) as e:
+    if "should be defined" not in str(e) and "must be defined" not in str(e):
+      raise
+    raise ConfigError(
+        f"--multihost found no cluster to join ({e}): auto-detection knows TPU pod slices, Slurm "
+        "and Open MPI. Elsewhere pass --coordinator_address=<process 0 host>:<port> "
+        "--num_processes=N --process_id=<0..N-1> on every process (and optionally "
+        "--local_device_ids)") from e
+  return True
