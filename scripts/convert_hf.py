@@ -121,7 +121,8 @@ def convert_workdir(workdir: str, dst: str, step: int | None = None, *,
                            max_shard_size=max_shard_size, overwrite=overwrite)
   _, saved = checkpoint.restore_params(workdir, info["step"])
   scanned = "layers" in saved.get("language_model", {})
-  _, back = load_hf_qwen3_vl(dst, np.float32, scan_layers=scanned)
+  _, back = load_hf_qwen3_vl(dst, np.float32, scan_layers=scanned,
+                             scan_vision="blocks" in saved.get("visual", {}))
   _check_identical(jax.tree.map(lambda x: np.asarray(x, np.float32), saved), back,
                    f"exporting {workdir} step {info['step']}")
   return info

@@ -71,6 +71,8 @@ def main(argv):
                     "float16": jnp.float16}[config.model.dtype]}
     if "scan_layers" in config.model:
       kw["scan_layers"] = bool(config.model.scan_layers)
+    if config.model.get("scan_vision"):  # Qwen only (load_pretrained refuses it for BLIP-2)
+      kw["scan_vision"] = True
     model, params, _ = vlm.load_pretrained(FLAGS.hf_checkpoint, **kw)
     want = task.build_model(config)  # a module only: no parameters are made
     kind = lambda m: f"{type(m).__name__} ({type(getattr(m.config, 'llm', None)).__name__})"

@@ -55,7 +55,8 @@ def _is_blip2_stage2(cfg_file: str) -> bool:
 
 def load_pretrained(path: str | os.PathLike, *, dtype: Any = None, param_dtype: Any = None,
                     scan_layers: bool = False, remat: bool = False,
-                    moe_implementation: str | None = None) -> tuple[Any, dict, Any]:
+                    moe_implementation: str | None = None,
+                    scan_vision: bool = False) -> tuple[Any, dict, Any]:
   """Loads an HF checkpoint directory as a vlm model.
 
   Args:
@@ -68,6 +69,8 @@ def load_pretrained(path: str | os.PathLike, *, dtype: Any = None, param_dtype: 
     moe_implementation: Qwen MoE only: ``"auto"``, ``"dense"``, ``"ragged"`` or ``"gather"``
       expert evaluation (``Qwen3TextConfig.moe_implementation``); None keeps the default
       ("auto").
+    scan_vision: Qwen only: the vision tower's blocks under ``nn.scan`` (parameters returned
+      stacked, ``visual/blocks``; ``Qwen3VL.scan_vision``).
   Returns:
     ``(model, params, processor)``: a Flax module, its ``"params"`` collection (jnp arrays of
     ``param_dtype``), and the matching processor (Qwen: a left-padding ``Qwen3VLProcessor`` /
@@ -95,17 +98,19 @@ def load_pretrained(path: str | os.PathLike, *, dtype: Any = None, param_dtype: 
   if model_type in QWEN_TYPES:
     from vlm.convert.hf_qwen3_vl import load_hf_qwen3_vl
     from vlm.models.qwen3_vl import Qwen2_5_VL, Qwen2_5_VLConfig, Qwen3VL
-    config, params = load_hf_qwen3_vl(path, np.dtype(param_dtype), scan_layers=scan_layers)
+    config, params = load_hf_qwen3_vl(path, np.dtype(param_dtype), scan_layers=scan_layers,
+                                      scan_vision=scan_vision)
     if moe_implementation is not None:
       config = dataclasses.replace(
           config, text=dataclasses.replace(config.text, moe_implementation=moe_implementation))
     cls = Qwen2_5_VL if isinstance(config, Qwen2_5_VLConfig) else Qwen3VL
     model = cls(config, dtype=dtype, param_dtype=param_dtype, scan_layers=scan_layers,
-                remat=remat)
+                remat=remat, scan_vision=scan_vision)
     return model, params, _qwen_processor(path, config)
   if model_type in BLIP2_TYPES and _is_blip2_stage2(cfg_file):
-    if moe_implementation is not None:
-      raise ValueError(f"moe_implementation applies to Qwen checkpoints only; {path} is BLIP-2")
+    if moe_implementation is not None or scan_vision:
+      raise ValueError(f"moe_implementation and scan_vision apply to Qwen checkpoints only; "
+                       f"{path} is BLIP-2")
     from vlm.convert.hf_blip2 import load_hf_blip2_stage2
     from vlm.data.llm_tokenizers import llm_tokenizer
     from vlm.models.blip2 import Blip2Stage2
@@ -115,9 +120,9 @@ def load_pretrained(path: str | os.PathLike, *, dtype: Any = None, param_dtype: 
                         remat=remat)
     return model, params, llm_tokenizer(config.llm_kind)
   if model_type in BLIP2_TYPES:
-    if scan_layers or remat or moe_implementation is not None:
-      raise ValueError("scan_layers, remat and moe_implementation apply to Qwen checkpoints only; "
-                       f"{path} is BLIP-2")
+    if scan_layers or remat or scan_vision or moe_implementation is not None:
+      raise ValueError("scan_layers, remat, scan_vision and moe_implementation apply to Qwen "
+                       f"checkpoints only; {path} is BLIP-2")
     from vlm.convert.hf_blip2 import load_hf_blip2
     from vlm.data.text import Blip2Tokenizer
     from vlm.models.blip2 import Blip2Stage1

@@ -138,11 +138,14 @@ def test_logits_and_round_trip(tmp_path, moe):
   assert config2 == config
   jax.tree_util.tree_map(np.testing.assert_array_equal, params, params2)
 
-  # scanned decoder through the public entry: stacked params, same logits, same HF export
+  # scanned decoder and vision tower through the public entry: stacked params, same logits,
+  # same HF export
   import vlm
-  model_s, params_s, _ = vlm.load_pretrained(tmp_path / "hf", scan_layers=True, remat=True)
-  assert model_s.scan_layers and model_s.remat
+  model_s, params_s, _ = vlm.load_pretrained(tmp_path / "hf", scan_layers=True, remat=True,
+                                             scan_vision=True)
+  assert model_s.scan_layers and model_s.remat and model_s.scan_vision
   assert "layers" in params_s["language_model"] and "layers_0" not in params_s["language_model"]
+  assert "blocks" in params_s["visual"] and "blocks_0" not in params_s["visual"]
   got_s, _ = jax.jit(model_s.apply)({"params": params_s}, jnp.asarray(ids, jnp.int32),
                                     jnp.asarray(pos, jnp.int32), jnp.asarray(mask, bool),
                                     jnp.asarray(np.concatenate([img_px, vid_px])), tables,

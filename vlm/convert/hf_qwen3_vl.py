@@ -27,6 +27,7 @@ import numpy as np
 from vlm.convert.safetensors_io import read_safetensors_dir, write_safetensors_dir
 from vlm.models.qwen3_vl import Qwen2_5_VLConfig, Qwen3VL, Qwen3VLConfig, init_params
 from vlm.models.qwen3 import stack_layers, unstack_layers
+from vlm.models.qwen_vit import stack_blocks, unstack_blocks
 
 _QWEN3_TYPES = ("qwen3_vl", "qwen3_vl_moe")
 _QWEN25_TYPES = ("qwen2_5_vl",)
@@ -198,8 +199,8 @@ def _format(keys, limit=20):
 # Load / save.
 
 
-def load_hf_qwen3_vl(path: str, dtype=np.float32,
-                     scan_layers: bool = False) -> tuple[Qwen3VLConfig, dict]:
+def load_hf_qwen3_vl(path: str, dtype=np.float32, scan_layers: bool = False,
+                     scan_vision: bool = False) -> tuple[Qwen3VLConfig, dict]:
   """Loads an HF Qwen3-VL / Qwen3-VL-MoE / Qwen2.5-VL ``save_pretrained`` directory.
 
   Args:
@@ -210,6 +211,9 @@ def load_hf_qwen3_vl(path: str, dtype=np.float32,
     scan_layers: return the decoder layers stacked for ``Qwen3VL(config, scan_layers=True)``
       (``language_model/layers/...`` with a leading layer axis, :func:`vlm.models.qwen3.stack_layers`)
       instead of ``language_model/layers_{i}``.
+    scan_vision: return the vision blocks stacked for ``Qwen3VL(config, scan_vision=True)``
+      (``visual/blocks/...`` with a leading layer axis, :func:`vlm.models.qwen_vit.stack_blocks`)
+      instead of ``visual/blocks_{i}``.
   Returns:
     ``(config, params)``: params is the ``"params"`` collection of :class:`Qwen3VL`
     (``{"visual": ..., "language_model": ..., "lm_head"?: ...}``) as jnp arrays.
@@ -257,12 +261,15 @@ def load_hf_qwen3_vl(path: str, dtype=np.float32,
                        "kind, but this config mixes dense and MoE layers; load with "
                        "scan_layers=False")
     params["language_model"] = stack_layers(params["language_model"])
+  if scan_vision:
+    params["visual"] = stack_blocks(params["visual"])
   return config, params
 
 
 def hf_state_from_params(config: Qwen3VLConfig, params: Mapping[str, Any],
                          legacy: bool = False) -> dict[str, np.ndarray]:
-  """vlm params (unscanned, or scanned ``language_model/layers``) -> HF state dict (numpy).
+  """vlm params (unscanned, or scanned ``language_model/layers`` and/or ``visual/blocks``) -> HF
+  state dict (numpy).
   ``legacy``: Qwen2.5-VL Hub key layout.
 
   Raises:
@@ -273,6 +280,8 @@ def hf_state_from_params(config: Qwen3VLConfig, params: Mapping[str, Any],
   params = dict(nn.unbox(dict(params)))
   if "layers" in params.get("language_model", {}):  # scanned decoder: back to layers_{i}
     params["language_model"] = unstack_layers(params["language_model"])
+  if "blocks" in params.get("visual", {}):  # scanned vision tower: back to blocks_{i}
+    params["visual"] = unstack_blocks(params["visual"])
   want = expected_shapes(config)
   flat = {k: np.asarray(v) for k, v in _flat(params).items()}
   extra = ["/".join(k) for k in flat if k not in want]

@@ -249,6 +249,11 @@ class Qwen3VL(nn.Module):
     config: model configuration.
     scan_layers, remat: passed to the decoder (:class:`vlm.models.qwen3.Qwen3Model`); ``remat``
       also to the vision tower.
+    scan_vision: the vision tower's blocks under ``nn.scan`` (its ``scan_layers``: params
+      ``visual/blocks/...`` with a leading ``LAYERS`` axis instead of ``visual/blocks_{i}``;
+      :func:`vlm.models.qwen_vit.stack_blocks` converts), so its compile time does not grow with
+      depth. Independent of ``scan_layers`` (a decoder mixing dense and MoE layers cannot scan,
+      its tower can).
   The text config's ``attention_implementation`` / ``attention_block_size`` (vlm settings) choose
   the attention of the decoder's uncached path and of the vision tower alike.
   Call args:
@@ -288,13 +293,15 @@ class Qwen3VL(nn.Module):
   param_dtype: Dtype = jnp.float32
   scan_layers: bool = False
   remat: bool = False
+  scan_vision: bool = False
 
   def setup(self):
     cfg = self.config
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     # the text config's attention choice (a vlm setting) also routes the ViT's packed images
     vis_kw = dict(attention_implementation=cfg.text.attention_implementation,
-                  attention_block_size=cfg.text.attention_block_size, remat=self.remat)
+                  attention_block_size=cfg.text.attention_block_size, remat=self.remat,
+                  scan_layers=self.scan_vision)
     if isinstance(cfg.vision, qwen_vit.Qwen2_5_VLVisionConfig):
       self.visual = qwen_vit.Qwen2_5_VLVisionModel(cfg.vision, **vis_kw, **kw)
     else:

@@ -72,6 +72,7 @@ Parameter trees mirror the HF keys under ``model.visual.`` (CONTRACT.md rule)::
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Any, Mapping
 
 import flax.linen as nn
@@ -79,6 +80,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vlm.models.qwen3 import stack_layers, unstack_layers
 from vlm.nn import layers
 from vlm.nn import partitioning as P
 from vlm.nn import rope
@@ -554,8 +556,13 @@ class VisionBlock(nn.Module):
   attention_implementation: str = "xla"
   attention_block_size: int = 512
 
-  @nn.compact
   def __call__(self, x, angles, segment_ids):
+    return self.block(x, angles, segment_ids)
+
+  @nn.compact
+  def block(self, x, angles, segment_ids):
+    """The block itself (``__call__``); a method of its own so that the scanned body
+    (:class:`_ScannedVisionBlock`) can rematerialise it alone."""
     cfg = self.config
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     if isinstance(cfg, Qwen2_5_VLVisionConfig):
@@ -567,6 +574,82 @@ class VisionBlock(nn.Module):
     x = x + attn(norm("norm1")(x), angles, segment_ids)
     y = mlp(cfg, name="mlp", **kw)(norm("norm2")(x))
     return P.constrain(x + y, ACTIVATION_AXES)
+
+
+class _ScannedVisionBlock(VisionBlock):
+  """``nn.scan`` body over the tower's blocks (one stacked parameter tree ``blocks/...`` with a
+  leading ``LAYERS`` axis; same subtree as each unscanned ``blocks_{i}``).
+
+  Per-layer inputs ``xs = (full int32 [], slot int32 [])``: a block with ``full`` attends within
+  ``full_segments`` (Qwen2.5-VL's ``fullatt_block_indexes``), the others within
+  ``window_segments``; a block with ``slot >= 0`` writes its output into ``taps[slot]`` (the
+  DeepStack buffer), others leave it untouched (an exact select of the same values, one
+  [B, Np, Dv] slice read and written per layer). With ``remat`` only the block itself is
+  rematerialised, so the tap buffer is never saved per layer.
+
+  Call: ``((x [B, Np, Dv], taps [K, B, Np, Dv] or None), xs, angles [B, Np, hd/2],
+  full_segments int [B, Np], window_segments int [B, Np]) -> ((x, taps), None)``.
+  """
+  remat: bool = False
+
+  def __call__(self, carry, xs, angles, full_segments, window_segments):
+    x, taps = carry
+    full, slot = xs
+    segments = jnp.where(full > 0, full_segments, window_segments)
+    fn = VisionBlock.block
+    if self.remat:
+      fn = nn.remat(fn, prevent_cse=False)
+    x = fn(self, x, angles, segments)
+    if taps is not None:
+      at = jnp.maximum(slot, 0)
+      old = jax.lax.dynamic_index_in_dim(taps, at, 0, keepdims=False)
+      taps = jax.lax.dynamic_update_index_in_dim(
+          taps, jnp.where(slot >= 0, jnp.asarray(x, taps.dtype), old), at, 0)
+    return (x, taps), None
+
+
+def _scanned_blocks(cfg, depth: int, remat: bool, **kw):
+  """The ``nn.scan`` of :class:`_ScannedVisionBlock` over ``depth`` layers, named ``blocks``."""
+  scan = nn.scan(_ScannedVisionBlock, variable_axes={"params": 0, "intermediates": 0},
+                 split_rngs={"params": True, "dropout": True},
+                 in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast), length=depth,
+                 metadata_params={nn.PARTITION_NAME: P.LAYERS})
+  return scan(cfg, remat=remat, name="blocks", **kw)
+
+
+_BLOCK_KEY = re.compile(r"^blocks_(\d+)$")
+
+
+def stack_blocks(visual: Mapping[str, Any]) -> dict:
+  """Unscanned -> scanned vision tree: ``blocks_0 .. blocks_{N-1}`` become one ``blocks`` entry
+  whose leaves carry a leading layer axis (the layout of ``scan_layers=True``); other entries are
+  kept. A tree already scanned (or without blocks) is returned as is. Uses
+  :func:`vlm.models.qwen3.stack_layers`.
+
+  Args: ``visual``: the tower's params (e.g. ``params["visual"]``).
+  Raises: ValueError: non-contiguous block indices or blocks of different structures.
+  """
+  blocks = {f"layers_{m.group(1)}": v for k, v in visual.items()
+            if (m := _BLOCK_KEY.match(str(k)))}
+  out = {k: v for k, v in visual.items() if not _BLOCK_KEY.match(str(k))}
+  if blocks:
+    if "blocks" in out:
+      raise ValueError("vision tree has both 'blocks' and 'blocks_{i}' entries")
+    try:
+      out["blocks"] = stack_layers(blocks)["layers"]
+    except ValueError as e:
+      raise ValueError(f"vision blocks: {e}".replace("layers", "blocks")) from None
+  return out
+
+
+def unstack_blocks(visual: Mapping[str, Any]) -> dict:
+  """Scanned -> unscanned vision tree (inverse of :func:`stack_blocks`, via
+  :func:`vlm.models.qwen3.unstack_layers`); an unscanned tree is returned as is."""
+  out = {k: v for k, v in visual.items() if k != "blocks"}
+  if "blocks" in visual:
+    for k, v in unstack_layers({"layers": visual["blocks"]}).items():
+      out[k.replace("layers_", "blocks_")] = v
+  return out
 
 
 class _Qwen3VLVisionMlp(nn.Module):
@@ -701,6 +784,7 @@ class Qwen3VLVisionModel(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   remat: bool = False
+  scan_layers: bool = False
   attention_implementation: str = "xla"
   attention_block_size: int = 512
 
@@ -736,18 +820,30 @@ class Qwen3VLVisionModel(nn.Module):
     valid = (seg.reshape(b, n // unit, unit)[..., 0] > 0)[..., None]
 
     _check_implementation(self.attention_implementation, self.attention_block_size)
-    block_cls = nn.remat(VisionBlock) if self.remat else VisionBlock
     attn_kw = dict(attention_implementation=self.attention_implementation,
                    attention_block_size=self.attention_block_size)
     taps = {layer: k for k, layer in enumerate(cfg.deepstack_visual_indexes)}
     deepstack = [None] * len(taps)
-    for i in range(cfg.depth):
-      x = block_cls(cfg, name=f"blocks_{i}", **attn_kw, **kw)(x, angles, seg)
-      if i in taps:
-        k = taps[i]
-        ds = Qwen3VLVisionPatchMerger(cfg, use_postshuffle_norm=True,
-                                      name=f"deepstack_merger_list_{k}", **kw)(x)
-        deepstack[k] = jnp.where(valid, ds, 0)
+
+    def deepstack_merge(k, h):
+      ds = Qwen3VLVisionPatchMerger(cfg, use_postshuffle_norm=True,
+                                    name=f"deepstack_merger_list_{k}", **kw)(h)
+      deepstack[k] = jnp.where(valid, ds, 0)
+
+    if self.scan_layers:  # one scan; the tapped block outputs collected in a [K, ...] buffer
+      slot = np.array([taps.get(i, -1) for i in range(cfg.depth)], np.int32)
+      buf = jnp.zeros((len(taps),) + x.shape, x.dtype) if taps else None
+      xs = (jnp.zeros(cfg.depth, jnp.int32), jnp.asarray(slot))
+      (x, buf), _ = _scanned_blocks(cfg, cfg.depth, self.remat, **attn_kw, **kw)(
+          (x, buf), xs, angles, seg, seg)
+      for k in range(len(taps)):
+        deepstack_merge(k, buf[k])
+    else:
+      block_cls = nn.remat(VisionBlock) if self.remat else VisionBlock
+      for i in range(cfg.depth):
+        x = block_cls(cfg, name=f"blocks_{i}", **attn_kw, **kw)(x, angles, seg)
+        if i in taps:
+          deepstack_merge(taps[i], x)
     merged = Qwen3VLVisionPatchMerger(cfg, use_postshuffle_norm=False, name="merger", **kw)(x)
     merged = jnp.where(valid, merged, 0)
     if squeeze:
@@ -832,6 +928,7 @@ class Qwen2_5_VLVisionModel(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   remat: bool = False
+  scan_layers: bool = False
   attention_implementation: str = "xla"
   attention_block_size: int = 512
 
@@ -864,12 +961,18 @@ class Qwen2_5_VLVisionModel(nn.Module):
     window_seg = jnp.asarray(a["window_segment_ids"], jnp.int32)
 
     _check_implementation(self.attention_implementation, self.attention_block_size)
-    block_cls = nn.remat(VisionBlock) if self.remat else VisionBlock
     attn_kw = dict(attention_implementation=self.attention_implementation,
                    attention_block_size=self.attention_block_size)
-    for i in range(cfg.depth):
-      segments = seg if i in cfg.fullatt_block_indexes else window_seg
-      x = block_cls(cfg, name=f"blocks_{i}", **attn_kw, **kw)(x, angles, segments)
+    if self.scan_layers:  # one scan; each layer's flag picks image or window segments
+      full = np.array([i in cfg.fullatt_block_indexes for i in range(cfg.depth)], np.int32)
+      xs = (jnp.asarray(full), jnp.full(cfg.depth, -1, jnp.int32))
+      (x, _), _ = _scanned_blocks(cfg, cfg.depth, self.remat, **attn_kw, **kw)(
+          (x, None), xs, angles, seg, window_seg)
+    else:
+      block_cls = nn.remat(VisionBlock) if self.remat else VisionBlock
+      for i in range(cfg.depth):
+        segments = seg if i in cfg.fullatt_block_indexes else window_seg
+        x = block_cls(cfg, name=f"blocks_{i}", **attn_kw, **kw)(x, angles, segments)
     merged = Qwen2_5_VLPatchMerger(cfg, name="merger", **kw)(x)
     inv = jnp.asarray(a["window_inverse"], jnp.int32)
     merged = jnp.take_along_axis(merged, inv[..., None], axis=1)

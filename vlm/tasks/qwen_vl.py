@@ -99,13 +99,15 @@ def model_config(config):
 
 
 def build_model(config):
-  """``Qwen3VL`` / ``Qwen2_5_VL`` with the run's dtypes and ``scan_layers`` / ``remat``."""
+  """``Qwen3VL`` / ``Qwen2_5_VL`` with the run's dtypes and ``scan_layers`` / ``remat`` /
+  ``scan_vision`` (``config.model.*``; ``scan_vision`` absent = False)."""
   from vlm.models.qwen3_vl import Qwen2_5_VL, Qwen2_5_VLConfig, Qwen3VL
   cfg = model_config(config)
   cls = Qwen2_5_VL if isinstance(cfg, Qwen2_5_VLConfig) else Qwen3VL
   return cls(cfg, dtype=dtype_of(config.model.dtype), param_dtype=dtype_of(config.model.param_dtype),
              scan_layers=bool(config.model.get("scan_layers", False)),
-             remat=bool(config.model.get("remat", False)))
+             remat=bool(config.model.get("remat", False)),
+             scan_vision=bool(config.model.get("scan_vision", False)))
 
 
 def _pad_token_id(config) -> int:
@@ -239,7 +241,8 @@ def init_params(config, model, params, shardings):
     return params
   from vlm.convert.hf_qwen3_vl import load_hf_qwen3_vl
   from vlm.tasks import place_like
-  _, loaded = load_hf_qwen3_vl(hf_dir, np.float32, scan_layers=model.scan_layers)
+  _, loaded = load_hf_qwen3_vl(hf_dir, np.float32, scan_layers=model.scan_layers,
+                              scan_vision=model.scan_vision)
   flat = flax.traverse_util.flatten_dict(params)
   flat_sh = flax.traverse_util.flatten_dict(shardings)
   host = flax.traverse_util.flatten_dict(loaded)
@@ -375,7 +378,7 @@ def qwen_vl_config(stage: str, variant: str | None = None) -> ml_collections.Con
   attn = ("chunked" if tiny else "auto") if stage == "c" else ("xla" if tiny else "auto")
   c.model = ml_collections.ConfigDict(dict(
       preset=_PRESETS[variant], dtype="float32" if tiny else "bfloat16", param_dtype="float32",
-      scan_layers=not tiny, remat=not tiny,
+      scan_layers=not tiny, remat=not tiny, scan_vision=not tiny,
       text_overrides={"attention_implementation": attn, "attention_block_size": 512}))
   # hf_checkpoint: an HF Qwen3-VL / Qwen3-VL-MoE / Qwen2.5-VL directory (its config.json
   # replaces the preset); workdir: an earlier stage's workdir (matching parameters are taken).
