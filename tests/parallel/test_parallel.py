@@ -11,9 +11,11 @@ def test_eight_simulated_devices():
 
 
 @pytest.mark.parametrize("shape,expected", [
-    ({"data": -1}, {"data": 8, "fsdp": 1, "tensor": 1, "expert": 1}),
-    ({"fsdp": 4, "tensor": 2}, {"data": 1, "fsdp": 4, "tensor": 2, "expert": 1}),
-    ({"data": 2, "fsdp": -1, "tensor": 2}, {"data": 2, "fsdp": 2, "tensor": 2, "expert": 1}),
+    ({"data": -1}, {"data": 8, "fsdp": 1, "tensor": 1, "expert": 1, "context": 1}),
+    ({"fsdp": 4, "tensor": 2}, {"data": 1, "fsdp": 4, "tensor": 2, "expert": 1, "context": 1}),
+    ({"data": 2, "fsdp": -1, "tensor": 2},
+     {"data": 2, "fsdp": 2, "tensor": 2, "expert": 1, "context": 1}),
+    ({"data": 2, "context": -1}, {"data": 2, "fsdp": 1, "tensor": 1, "expert": 1, "context": 4}),
 ])
 def test_resolve_mesh_shape(shape, expected):
   assert mesh_lib.resolve_mesh_shape(shape, 8) == expected
@@ -46,6 +48,18 @@ def test_rules_priority_param_vs_activation():
   assert tuple(nn.logical_to_mesh_axes((P.BATCH, P.LENGTH, P.EMBED), rules)) == (
       ("data", "fsdp"), None, None)
   assert tuple(nn.logical_to_mesh_axes((P.EMBED, P.MLP), rules)) == ("fsdp", "tensor")
+  # the decoder's token axis goes to "context"; the generic LENGTH (ViT patches, ...) stays whole
+  assert tuple(nn.logical_to_mesh_axes((P.BATCH, P.SEQUENCE, P.EMBED), rules)) == (
+      ("data", "fsdp"), "context", None)
+
+
+def test_sequence_length_divisibility():
+  mesh = mesh_lib.make_mesh({"data": 2, "context": 4})
+  rules = mesh_lib.DEFAULT_RULES
+  assert mesh_lib.context_parallel_size(mesh, rules) == 4
+  mesh_lib.check_sequence_length(64, mesh, rules)
+  with pytest.raises(ValueError, match="not divisible by the 4 context-parallel shards"):
+    mesh_lib.check_sequence_length(62, mesh, rules)
 
 
 def test_rules_reject_unknown_mesh_axis():

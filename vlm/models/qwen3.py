@@ -24,6 +24,13 @@ see ``vlm.nn.rope``), so the same decoder serves 1-D RoPE and both MRoPE layouts
 the compute dtype before the NeoX rotate-half rotation, which runs in the compute dtype (spec 6.4 /
 pitfall 5).
 
+Context parallelism (training, long rows): the token axis of the activations carries the logical
+name ``SEQUENCE``, which ``vlm.parallel.mesh.DEFAULT_RULES`` map to the ``context`` mesh axis;
+under a mesh with ``context > 1`` (``jax.set_mesh`` + ``nn.logical_axis_rules``) every projection,
+norm, MLP and the DeepStack addition run on the local tokens, and attention keeps its queries
+local while all-gathering keys/values (:func:`vlm.nn.attention.attention` with ``sharded=True``;
+any ``attention_implementation``, the segment-id form of the mask, causal by global position).
+
 Packing (training): ``Qwen3Model(..., segment_ids=[B, L])`` confines causal attention to tokens
 of equal segment id (1..S per packed sample, 0 = padding, which attends only to padding); each
 segment carries its own (restarting) positions in the angles. ``return_hidden=True`` on the LMs
@@ -62,7 +69,8 @@ from vlm.nn import moe
 from vlm.nn import partitioning as P
 from vlm.nn import rope
 from vlm.nn.attention import (IMPLEMENTATIONS, attention, cache_masks, cached_attention,
-                              causal_padding_mask, dot_product_attention, init_kv_cache)
+                              causal_padding_mask, context_parallel_size, dot_product_attention,
+                              init_kv_cache)
 
 Dtype = Any
 
@@ -83,8 +91,10 @@ class Qwen3TextConfig:
       (spec section 6); the decoder itself only consumes angles.
     moe_implementation: how MoE layers evaluate their experts (never read from an HF config):
       ``"dense"`` runs every expert on every token (HF's eval path; shards over the ``expert``
-      mesh axis; the faster one on CPU and GPU with jax <= 0.11, and the one to use with expert
-      parallelism), ``"ragged"`` routes each token to its k experts only (dropless,
+      mesh axis; the faster one on CPU and GPU with jax <= 0.11), ``"routed"`` is expert
+      parallelism (tokens sent to their experts' devices over the ``expert`` mesh axis and back,
+      ``vlm.nn.moe.routed_expert_mlp``; the one to use with ``expert`` > 1), ``"ragged"``
+      routes each token to its k experts only (dropless,
       ``jax.lax.ragged_dot``; k/E of the FLOPs where ragged_dot lowers to a grouped matmul,
       e.g. TPU), ``"gather"`` gathers each token's k expert matrices (T*k expert reads instead
       of E: decode steps), ``"auto"`` (default) is "gather" when a call has ``B*L*k < E``
@@ -168,8 +178,9 @@ class Qwen3TextConfig:
                        f"{self.attention_implementation!r}")
     if self.attention_block_size < 1:
       raise ValueError(f"attention_block_size must be >= 1, got {self.attention_block_size}")
-    if self.moe_implementation not in ("auto", "dense", "ragged", "gather"):
-      raise ValueError(f"moe_implementation must be 'auto', 'dense', 'ragged' or 'gather', got "
+    if self.moe_implementation not in ("auto", "dense", "ragged", "gather", "routed"):
+      raise ValueError(f"moe_implementation must be 'auto', 'dense', 'ragged', 'gather' or "
+                       f"'routed', got "
                        f"{self.moe_implementation!r}")
 
   @property
@@ -296,14 +307,16 @@ class Qwen3Attention(nn.Module):
       o = o.reshape(batch, length, h * hd)
       out = dense("o_proj", cfg.hidden_size, cfg.use_o_proj_bias, (P.HEADS, P.EMBED), True)(o)
       return out, (k, v)
-    if cfg.attention_implementation != "xla":  # mask = int32 [B, L] segment ids (Qwen3Model)
+    if mask.ndim == 2:  # int32 [B, L] segment ids (Qwen3Model: non-xla or context parallel)
       use_dropout = not deterministic and cfg.attention_dropout > 0.0
+      # sharded: under a mesh, shard_map over rows/heads and context parallelism over the
+      # SEQUENCE axis (keys/values all-gathered); the plain call without a mesh
       o = attention(q, k, v, segment_ids=mask, causal=True, scale=hd ** -0.5,
                     implementation=cfg.attention_implementation,
                     block_size=cfg.attention_block_size, dtype=self.dtype,
                     dropout_rate=cfg.attention_dropout if use_dropout else 0.0,
                     dropout_rng=self.make_rng("dropout") if use_dropout else None,
-                    deterministic=not use_dropout)
+                    deterministic=not use_dropout, sharded=True)
       o = o.reshape(batch, length, h * hd)
       out = dense("o_proj", cfg.hidden_size, cfg.use_o_proj_bias, (P.HEADS, P.EMBED), True)(o)
       return out, None
@@ -357,7 +370,9 @@ class Qwen3MoeExperts(nn.Module):
   ``"ragged"`` (:func:`vlm.nn.moe.ragged_expert_mlp`): dropless routing, each token through its
   k experts with ``jax.lax.ragged_dot``; equal up to float summation order.
   ``"gather"`` (:func:`vlm.nn.moe.gather_expert_mlp`): each token's k expert matrices gathered
-  (T*k expert reads instead of E: decode). ``"auto"`` (default) picks "gather" when
+  (T*k expert reads instead of E: decode). ``"routed"`` (:func:`vlm.nn.moe.routed_expert_mlp`):
+  expert parallelism, tokens dispatched to the devices of their experts (``expert`` mesh axis)
+  with a ragged all-to-all and back. ``"auto"`` (default) picks "gather" when
   ``B * L * k < E``, else "dense" (:func:`vlm.nn.moe.choose_implementation`).
 
   Call args: x [B, L, D]; weights [B, L, k] routing weights (compute dtype); experts int [B, L, k]
@@ -475,7 +490,7 @@ class Qwen3DecoderLayer(nn.Module):
         if visual_mask is not None:
           add = jnp.where(visual_mask[..., None], add, jnp.zeros_like(add))
         h = h + add
-    h = P.constrain(h, (P.BATCH, P.LENGTH, P.EMBED))
+    h = P.constrain(h, (P.BATCH, P.SEQUENCE, P.EMBED))
     return h, (None, None) if new_cache is None else new_cache
 
 
@@ -631,15 +646,21 @@ class Qwen3Model(nn.Module):
       new_cache_mask = jax.lax.dynamic_update_slice(kv_cache["mask"], attention_mask,
                                                     (0, cache_index))
       ck, cv = kv_cache["k"], kv_cache["v"]
-    elif cfg.attention_implementation != "xla":
-      # blockwise / kernel attention takes the segment ids, never a dense [B, 1, L, L] mask
-      mask = _attention_segments(attention_mask, segment_ids)
+    elif cfg.attention_implementation != "xla" or context_parallel_size() > 1:
+      # blockwise / kernel / context-parallel attention takes the segment ids, never a dense
+      # [B, 1, L, L] mask
+      mask = P.constrain(_attention_segments(attention_mask, segment_ids), (P.BATCH, P.SEQUENCE))
     else:
       mask = causal_padding_mask(attention_mask, batch, length, segment_ids)
 
     h = jnp.asarray(inputs_embeds, layers.residual_dtype(self.dtype))  # float32 for float16
-    h = P.constrain(h, (P.BATCH, P.LENGTH, P.EMBED))
-    angles = jnp.asarray(rope_angles, jnp.float32)
+    # token axis SEQUENCE: split over the "context" mesh axis under context parallelism
+    h = P.constrain(h, (P.BATCH, P.SEQUENCE, P.EMBED))
+    angles = P.constrain(jnp.asarray(rope_angles, jnp.float32), (P.BATCH, P.SEQUENCE, None))
+    if deepstack is not None:
+      deepstack = P.constrain(deepstack, (None, P.BATCH, P.SEQUENCE, P.EMBED))
+    if visual_mask is not None:
+      visual_mask = P.constrain(visual_mask, (P.BATCH, P.SEQUENCE))
     if self.scan_layers:
       xs = (jnp.arange(cfg.num_hidden_layers, dtype=jnp.int32), ck, cv)
       h, (nk, nv) = self.layers(h, xs, angles, mask, deepstack, visual_mask, cache_index,

@@ -21,11 +21,14 @@ benchmark_attention_memory.py`` measures the compiled memory of xla vs chunked a
 """
 from __future__ import annotations
 
+import math
 from functools import partial
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+
+from vlm.nn import partitioning as P
 
 
 def dot_product_attention(query, key, value, *, mask=None, bias=None, scale: float | None = None,
@@ -106,7 +109,8 @@ _PAD_SEGMENT = -1  # segment id of the positions the implementations pad on inte
 def attention(query, key, value, *, segment_ids=None, kv_segment_ids=None, causal: bool = False,
               scale: float | None = None, implementation: str = "xla", block_size: int = 512,
               dtype: Any = None, precision: Any = None, dropout_rate: float = 0.0,
-              dropout_rng=None, deterministic: bool = True, interpret: bool | None = None):
+              dropout_rng=None, deterministic: bool = True, interpret: bool | None = None,
+              sharded: bool = False):
   """Grouped-query attention confined to segments, with a choice of implementation.
 
   Every implementation computes the same function (up to float rounding)::
@@ -173,12 +177,26 @@ def attention(query, key, value, *, segment_ids=None, kv_segment_ids=None, causa
     interpret: ``splash`` only: run the Pallas kernel in interpret mode (``pallas_call(...,
       interpret=True)`` via ``make_splash_mha(interpret=...)``); default: False on TPU, True on
       CPU (tests), and an error on other backends.
+    sharded: run under ``jax.shard_map`` on the current mesh (``jax.set_mesh``) with the flax
+      logical rules in scope (``nn.logical_axis_rules``): rows over the mesh axes of
+      ``partitioning.BATCH``, heads over those of ``HEADS`` (each only where it divides), and
+      **context parallelism** over those of ``partitioning.SEQUENCE`` (the ``context`` mesh axis
+      in ``vlm.parallel.mesh.DEFAULT_RULES``): each device keeps its Lq/cp queries, all-gathers
+      keys, values and key segment ids (exact; memory O(Lk) keys per device), and masks
+      causally by global position (``j <= i + s * Lq/cp + Lk - Lq`` on shard ``s``), so packed
+      segments and the causal diagonal are intact across shards. Without a mesh, or with one
+      context shard and an implementation other than ``splash`` (GSPMD partitions those over
+      rows and heads itself), it is the plain call. The causal work is not load balanced (shard
+      ``s`` computes ``s + 1`` of ``cp`` key blocks' worth; the chunked/kernel paths skip the
+      rest). Q/K/V arrive in the layout [B, L, H, D] sharded (or resharded) as above.
   Returns:
     [B, Lq, Hq, D] in ``dtype``.
   Raises:
     ValueError: unknown ``implementation`` (the message lists the choices); ``cudnn`` without a
       GPU backend or with float32 inputs; ``splash`` where Pallas splash attention is missing;
-      dropout with an implementation other than ``xla``; bad ranks, head counts or segment shapes.
+      dropout with an implementation other than ``xla``; bad ranks, head counts or segment shapes;
+      with ``sharded`` and context parallelism: lengths not divisible by the context shards,
+      attention dropout.
   """
   if query.ndim != 4 or key.ndim != 4 or value.ndim != 4:
     raise ValueError(f"attention expects [B, L, H, D] inputs, got query {query.shape}, key "
@@ -212,16 +230,133 @@ def attention(query, key, value, *, segment_ids=None, kv_segment_ids=None, causa
   if impl != "xla" and not deterministic and dropout_rate > 0.0:
     raise ValueError(f"attention dropout is implemented only by implementation='xla' (got "
                      f"{impl!r} with dropout_rate={dropout_rate}); set the attention dropout to 0")
+  run = partial(_run_implementation, impl, causal=causal, scale=scale, block_size=block_size,
+                dtype=dtype, precision=precision, dropout_rate=dropout_rate,
+                dropout_rng=dropout_rng, deterministic=deterministic, interpret=interpret)
+  if sharded:
+    return _sharded_attention(run, impl, query, key, value, segment_ids, kv_segment_ids,
+                              causal=causal, dropout=not deterministic and dropout_rate > 0.0)
+  return run(query, key, value, segment_ids, kv_segment_ids)
+
+
+def _run_implementation(impl, query, key, value, segment_ids, kv_segment_ids, causal_offset=None,
+                        *, causal, scale, block_size, dtype, precision, dropout_rate, dropout_rng,
+                        deterministic, interpret):
+  """The chosen implementation on (local) arrays; ``causal_offset`` as :func:`_allowed_mask`."""
   if impl == "xla":
     return _xla_attention(query, key, value, segment_ids, kv_segment_ids, causal, scale, dtype,
-                          precision, dropout_rate, dropout_rng, deterministic)
+                          precision, dropout_rate, dropout_rng, deterministic, causal_offset)
   if impl == "chunked":
     return _chunked_attention(query, key, value, segment_ids, kv_segment_ids, causal, scale,
-                              block_size, dtype, precision)
+                              block_size, dtype, precision, causal_offset)
   if impl == "splash":
     return _splash_attention(query, key, value, segment_ids, kv_segment_ids, causal, scale,
-                             block_size, dtype, interpret)
-  return _cudnn_attention(query, key, value, segment_ids, kv_segment_ids, causal, scale, dtype)
+                             block_size, dtype, interpret, causal_offset)
+  return _cudnn_attention(query, key, value, segment_ids, kv_segment_ids, causal, scale, dtype,
+                          causal_offset)
+
+
+# --------------------------------------------------------------------------------------------------
+# Context parallelism: queries stay on their shard, keys/values are all-gathered.
+# --------------------------------------------------------------------------------------------------
+
+
+def _mesh_axes_of(logical: str, mesh) -> tuple[str, ...]:
+  """Mesh axes (of size > 1, present in ``mesh``) that the current flax logical rules give the
+  logical axis ``logical``; () without rules or when it is replicated."""
+  import flax.linen as nn
+  rules = nn.get_logical_axis_rules()
+  if not rules:
+    return ()
+  spec = nn.logical_to_mesh_axes((logical,), rules)[0]
+  if spec is None:
+    return ()
+  names = spec if isinstance(spec, tuple) else (spec,)
+  return tuple(a for a in names if a in mesh.axis_names and mesh.shape[a] > 1)
+
+
+def _current_mesh():
+  mesh = jax.sharding.get_abstract_mesh()
+  return None if mesh is None or mesh.empty else mesh
+
+
+def context_parallel_size(sequence_axis: str = P.SEQUENCE) -> int:
+  """Number of shards the current mesh (``jax.set_mesh``) and flax logical rules
+  (``nn.logical_axis_rules``) split the logical axis ``sequence_axis`` into (default
+  ``partitioning.SEQUENCE``, the decoder's token axis: the ``context`` mesh axis under
+  ``vlm.parallel.mesh.DEFAULT_RULES``); 1 without a mesh or rules."""
+  mesh = _current_mesh()
+  if mesh is None:
+    return 1
+  return math.prod(mesh.shape[a] for a in _mesh_axes_of(sequence_axis, mesh))
+
+
+def _spec_entry(axes: tuple[str, ...]):
+  if not axes:
+    return None
+  return axes[0] if len(axes) == 1 else axes
+
+
+def _sharded_attention(run, impl, query, key, value, segment_ids, kv_segment_ids, *, causal,
+                       dropout):
+  """:func:`attention` under ``shard_map`` on the current mesh (see its ``sharded`` argument).
+
+  Per device: queries [B/dp, Lq/cp, Hq/tp, D] stay local; keys, values and key segment ids are
+  all-gathered over the context axes (exact; ``all_gather``'s transpose, a reduce-scatter, returns
+  the key/value gradients to their shards); the causal diagonal is offset by the shard's first
+  query position ``s * Lq/cp`` so the mask is the one of the global positions. Kernels with a
+  static mask (``splash``, ``cudnn``) get one branch per context shard (``lax.switch``).
+  """
+  mesh = _current_mesh()
+  if mesh is None:
+    return run(query, key, value, segment_ids, kv_segment_ids)
+  ctx = _mesh_axes_of(P.SEQUENCE, mesh)
+  cp = math.prod(mesh.shape[a] for a in ctx)
+  if cp == 1 and impl != "splash":
+    return run(query, key, value, segment_ids, kv_segment_ids)  # GSPMD partitions it as is
+  b, lq, hq, _ = query.shape
+  lk, hkv = key.shape[1], key.shape[2]
+  if lq % cp or lk % cp:
+    raise ValueError(f"context parallelism over mesh axes {ctx} ({cp} shards) needs query and key "
+                     f"lengths divisible by {cp}, got {lq} and {lk}; pad the rows "
+                     f"(config.data.max_length) to a multiple of {cp}")
+  if cp > 1 and dropout:
+    raise ValueError("attention dropout is not supported with context parallelism (mesh axes "
+                     f"{ctx}); set the attention dropout to 0")
+  fits = lambda axes, *dims: all(d % math.prod(mesh.shape[a] for a in axes) == 0 for d in dims)
+  batch_axes = tuple(a for a in _mesh_axes_of(P.BATCH, mesh) if a not in ctx)
+  batch_axes = batch_axes if fits(batch_axes, b) else ()
+  head_axes = tuple(a for a in _mesh_axes_of(P.HEADS, mesh) if a not in ctx + batch_axes)
+  head_axes = head_axes if fits(head_axes, hq, hkv) else ()
+  bs, cs, hs = _spec_entry(batch_axes), _spec_entry(ctx), _spec_entry(head_axes)
+  heads_spec = jax.sharding.PartitionSpec(bs, cs, hs, None)
+  seg_spec = jax.sharding.PartitionSpec(bs, cs)
+  lq_local = lq // cp
+  has_segments = segment_ids is not None
+
+  def local(q, k, v, *segs):
+    qs, ks = segs if has_segments else (None, None)
+    if cp > 1:
+      gather = lambda x: jax.lax.all_gather(x, ctx, axis=1, tiled=True)
+      k, v = gather(k), gather(v)
+      ks = gather(ks) if has_segments else None
+      shard = jax.lax.axis_index(ctx)
+    else:
+      shard = 0
+    if not causal or cp == 1:
+      return run(q, k, v, qs, ks)
+    base = lk - lq  # the global end-aligned diagonal, shifted by this shard's first query
+    if impl in ("splash", "cudnn"):  # static masks: one branch per shard
+      branches = [partial(lambda s, *a: run(*a, causal_offset=base + s * lq_local), s)
+                  for s in range(cp)]
+      return jax.lax.switch(shard, branches, q, k, v, qs, ks)
+    return run(q, k, v, qs, ks, causal_offset=base + shard * lq_local)
+
+  args = (query, key, value) + ((segment_ids, kv_segment_ids) if has_segments else ())
+  specs = (heads_spec,) * 3 + ((seg_spec,) * 2 if has_segments else ())
+  # check_vma=False: the blockwise loops carry values whose varying-axes types differ by branch
+  return jax.shard_map(local, mesh=mesh, in_specs=specs, out_specs=heads_spec,
+                       check_vma=False)(*args)
 
 
 def _backend() -> str:
@@ -258,24 +393,29 @@ def resolve_implementation(implementation: str, *, key_length: int, head_dim: in
   return implementation
 
 
-def _allowed_mask(segment_ids, kv_segment_ids, causal: bool, lq: int, lk: int):
-  """Bool [B or 1, 1, Lq, Lk] of :func:`attention`'s ``allowed``, or None when all is allowed."""
+def _allowed_mask(segment_ids, kv_segment_ids, causal: bool, lq: int, lk: int, causal_offset=None):
+  """Bool [B or 1, 1, Lq, Lk] of :func:`attention`'s ``allowed``, or None when all is allowed.
+
+  ``causal_offset`` (int or traced int32 scalar): query i sees key j iff ``j <= i + offset``;
+  default ``Lk - Lq``."""
   mask = None
   if segment_ids is not None:
     mask = (segment_ids[:, :, None] == kv_segment_ids[:, None, :])[:, None]
   if causal:
-    tri = (jnp.arange(lk)[None, :] <= jnp.arange(lq)[:, None] + (lk - lq))[None, None]
+    offset = lk - lq if causal_offset is None else causal_offset
+    tri = (jnp.arange(lk)[None, :] <= jnp.arange(lq)[:, None] + offset)[None, None]
     mask = tri if mask is None else mask & tri
   return mask
 
 
 def _xla_attention(query, key, value, segment_ids, kv_segment_ids, causal, scale, dtype,
-                   precision, dropout_rate, dropout_rng, deterministic):
+                   precision, dropout_rate, dropout_rng, deterministic, causal_offset=None):
   groups = query.shape[2] // key.shape[2]
   if groups > 1:
     key = jnp.repeat(key, groups, axis=2)
     value = jnp.repeat(value, groups, axis=2)
-  mask = _allowed_mask(segment_ids, kv_segment_ids, causal, query.shape[1], key.shape[1])
+  mask = _allowed_mask(segment_ids, kv_segment_ids, causal, query.shape[1], key.shape[1],
+                       causal_offset)
   out = dot_product_attention(query, key, value, mask=mask, scale=scale,
                               dropout_rate=dropout_rate, dropout_rng=dropout_rng,
                               deterministic=deterministic, dtype=dtype, precision=precision)
@@ -301,7 +441,7 @@ def _pad_axis(x, axis: int, length: int, value=0):
 
 
 def _chunked_attention(query, key, value, segment_ids, kv_segment_ids, causal, scale, block_size,
-                       dtype, precision):
+                       dtype, precision, causal_offset=None):
   b, lq, hq, d = query.shape
   lk, hkv = key.shape[1], key.shape[2]
   if block_size < 1:
@@ -318,8 +458,9 @@ def _chunked_attention(query, key, value, segment_ids, kv_segment_ids, causal, s
   k = _pad_axis(key, 1, lkp).transpose(0, 2, 1, 3)
   v = _pad_axis(value, 1, lkp).transpose(0, 2, 1, 3)
   cfg = _ChunkConfig(causal=bool(causal), scale=scale, block_q=bq, block_k=bk,
-                     offset=lk - lq, dtype=jnp.dtype(dtype), precision=precision)
-  out = _flash(cfg, q, k, v, qs, ks)  # [B, Hkv, G, Lqp, D]
+                     dtype=jnp.dtype(dtype), precision=precision)
+  offset = jnp.asarray(lk - lq if causal_offset is None else causal_offset, jnp.int32)
+  out = _flash(cfg, q, k, v, qs, ks, offset)  # [B, Hkv, G, Lqp, D]
   out = out.transpose(0, 3, 1, 2, 4).reshape(b, lqp, hq, d)
   return out[:, :lq]
 
@@ -329,7 +470,6 @@ class _ChunkConfig(NamedTuple):
   scale: float
   block_q: int
   block_k: int
-  offset: int  # Lk - Lq of the unpadded lengths: query i sees key j iff j <= i + offset
   dtype: Any
   precision: Any
 
@@ -347,13 +487,16 @@ def _unblocks(x, axis: int):
   return x.reshape(x.shape[:axis] + (x.shape[axis] * x.shape[axis + 1],) + x.shape[axis + 2:])
 
 
-def _block_mask(cfg: _ChunkConfig, i, j, qs_i, ks_j):
-  """Bool [B, 1, 1, bq, bk] allowed pairs of query block i and key block j."""
+def _block_mask(cfg: _ChunkConfig, i, j, qs_i, ks_j, offset):
+  """Bool [B, 1, 1, bq, bk] allowed pairs of query block i and key block j.
+
+  ``offset`` (int32 scalar, may be traced): query i sees key j iff ``j <= i + offset`` (``Lk - Lq``
+  of the unpadded lengths; plus the shard's first query position under context parallelism)."""
   mask = qs_i[:, :, None] == ks_j[:, None, :]
   if cfg.causal:
     qpos = i * cfg.block_q + jnp.arange(cfg.block_q)
     kpos = j * cfg.block_k + jnp.arange(cfg.block_k)
-    mask = mask & (kpos[None, :] <= qpos[:, None] + cfg.offset)[None]
+    mask = mask & (kpos[None, :] <= qpos[:, None] + offset)[None]
   return mask[:, None, None]
 
 
@@ -362,16 +505,16 @@ def _segments_overlap(q_lo, q_hi, k_lo, k_hi):
   return jnp.any((q_hi >= k_lo) & (k_hi >= q_lo))
 
 
-def _causal_key_blocks(cfg: _ChunkConfig, i, num_k):
+def _causal_key_blocks(cfg: _ChunkConfig, i, num_k, offset):
   """Key blocks 0..hi-1 hold keys that query block i may see under the causal mask."""
-  last_query = i * cfg.block_q + cfg.block_q - 1 + cfg.offset
+  last_query = i * cfg.block_q + cfg.block_q - 1 + offset
   return jnp.clip(jnp.floor_divide(last_query, cfg.block_k) + 1, 0, num_k)
 
 
-def _causal_first_query_block(cfg: _ChunkConfig, j, num_q):
+def _causal_first_query_block(cfg: _ChunkConfig, j, num_q, offset):
   """First query block that may see key block j under the causal mask."""
   # smallest i with i * bq + bq - 1 + offset >= j * bk
-  need = j * cfg.block_k - cfg.offset - (cfg.block_q - 1)
+  need = j * cfg.block_k - offset - (cfg.block_q - 1)
   return jnp.clip(-jnp.floor_divide(-need, cfg.block_q), 0, num_q)
 
 
@@ -381,7 +524,7 @@ def _scores(cfg: _ChunkConfig, q_i, k_j):
   return s * cfg.scale
 
 
-def _flash_forward(cfg: _ChunkConfig, q, k, v, qs, ks):
+def _flash_forward(cfg: _ChunkConfig, q, k, v, qs, ks, offset):
   """out [B, Hkv, G, Lqp, D] (cfg.dtype) and float32 log-sum-exp [B, Hkv, G, Lqp]."""
   b, hkv, g, lqp, d = q.shape
   nq, nk = lqp // cfg.block_q, k.shape[2] // cfg.block_k
@@ -396,7 +539,7 @@ def _flash_forward(cfg: _ChunkConfig, q, k, v, qs, ks):
       def compute(carry):
         m, l, acc = carry
         k_j, v_j, ks_j = kb[j], vb[j], ksb[j]
-        mask = _block_mask(cfg, i, j, qs_i, ks_j)
+        mask = _block_mask(cfg, i, j, qs_i, ks_j, offset)
         s = jnp.where(mask, _scores(cfg, q_i, k_j), _NEG)
         m_new = jnp.maximum(m, s.max(-1))
         p = jnp.where(mask, jnp.exp(s - m_new[..., None]), 0.0)
@@ -412,7 +555,7 @@ def _flash_forward(cfg: _ChunkConfig, q, k, v, qs, ks):
     init = (jnp.full((b, hkv, g, cfg.block_q), _NEG, jnp.float32),
             jnp.zeros((b, hkv, g, cfg.block_q), jnp.float32),
             jnp.zeros((b, hkv, g, cfg.block_q, d), jnp.float32))
-    hi = _causal_key_blocks(cfg, i, nk) if cfg.causal else nk
+    hi = _causal_key_blocks(cfg, i, nk, offset) if cfg.causal else nk
     m, l, acc = jax.lax.fori_loop(0, hi, step, init)
     has_key = l > 0
     out = acc / jnp.where(has_key, l, 1.0)[..., None]
@@ -425,18 +568,18 @@ def _flash_forward(cfg: _ChunkConfig, q, k, v, qs, ks):
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _flash(cfg: _ChunkConfig, q, k, v, qs, ks):
-  return _flash_forward(cfg, q, k, v, qs, ks)[0]
+def _flash(cfg: _ChunkConfig, q, k, v, qs, ks, offset):
+  return _flash_forward(cfg, q, k, v, qs, ks, offset)[0]
 
 
-def _flash_fwd(cfg, q, k, v, qs, ks):
-  out, lse = _flash_forward(cfg, q, k, v, qs, ks)
-  return out, (q, k, v, qs, ks, out, lse)
+def _flash_fwd(cfg, q, k, v, qs, ks, offset):
+  out, lse = _flash_forward(cfg, q, k, v, qs, ks, offset)
+  return out, (q, k, v, qs, ks, offset, out, lse)
 
 
 def _flash_bwd(cfg, residuals, d_out):
   """FlashAttention-2 backward: one pass over key blocks, recomputing each score block."""
-  q, k, v, qs, ks, out, lse = residuals
+  q, k, v, qs, ks, offset, out, lse = residuals
   b, hkv, g, lqp, d = q.shape
   nq, nk = lqp // cfg.block_q, k.shape[2] // cfg.block_k
   # delta_i = sum_d dO_i * O_i  (= sum_j P_ij dP_ij), float32 [B, Hkv, G, Lqp]
@@ -454,7 +597,7 @@ def _flash_bwd(cfg, residuals, d_out):
       def compute(carry):
         dk_j, dv_j, dq = carry
         q_i, do_i = qb[i], dob[i].astype(cfg.dtype)
-        mask = _block_mask(cfg, i, j, qsb[i], ks_j)
+        mask = _block_mask(cfg, i, j, qsb[i], ks_j, offset)
         p = jnp.where(mask, jnp.exp(_scores(cfg, q_i, k_j) - lseb[i][..., None]), 0.0)
         dv_j = dv_j + jnp.einsum("bhgqk,bhgqd->bhkd", p.astype(cfg.dtype), do_i,
                                  precision=cfg.precision, preferred_element_type=jnp.float32)
@@ -473,7 +616,7 @@ def _flash_bwd(cfg, residuals, d_out):
 
     init = (jnp.zeros((b, hkv, cfg.block_k, d), jnp.float32),
             jnp.zeros((b, hkv, cfg.block_k, d), jnp.float32), dq)
-    lo = _causal_first_query_block(cfg, j, nq) if cfg.causal else 0
+    lo = _causal_first_query_block(cfg, j, nq, offset) if cfg.causal else 0
     dk_j, dv_j, dq = jax.lax.fori_loop(lo, nq, step, init)
     return dq, (dk_j, dv_j)
 
@@ -482,7 +625,7 @@ def _flash_bwd(cfg, residuals, d_out):
       key_block, dq0, (jnp.arange(nk), _blocks(k, 2, cfg.block_k), _blocks(v, 2, cfg.block_k),
                        _blocks(ks, 1, cfg.block_k)))
   return (_unblocks(dq, 3).astype(q.dtype), _unblocks(dk, 2).astype(k.dtype),
-          _unblocks(dv, 2).astype(v.dtype), None, None)
+          _unblocks(dv, 2).astype(v.dtype), None, None, None)
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)
@@ -492,7 +635,7 @@ _flash.defvjp(_flash_fwd, _flash_bwd)
 
 
 def _splash_attention(query, key, value, segment_ids, kv_segment_ids, causal, scale, block_size,
-                      dtype, interpret):
+                      dtype, interpret, causal_offset=None):
   try:
     from jax.experimental.pallas.ops.tpu import splash_attention as splash
   except ImportError as e:  # pragma: no cover - depends on the installed jax
@@ -524,7 +667,8 @@ def _splash_attention(query, key, value, segment_ids, kv_segment_ids, causal, sc
   k = _pad_axis(key, 1, lkp).transpose(0, 2, 1, 3)
   v = _pad_axis(value, 1, lkp).transpose(0, 2, 1, 3)
   if causal:
-    head_mask = splash.CausalMask((lqp, lkp), offset=lk - lq)
+    head_mask = splash.CausalMask((lqp, lkp),
+                                  offset=lk - lq if causal_offset is None else int(causal_offset))
   else:
     head_mask = splash.FullMask((lqp, lkp))
   mask = splash.MultiHeadMask([head_mask] * hq)
@@ -542,7 +686,8 @@ def _splash_attention(query, key, value, segment_ids, kv_segment_ids, causal, sc
 # ----------------------------------------- cudnn --------------------------------------------------
 
 
-def _cudnn_arguments(query, key, value, segment_ids, kv_segment_ids, causal, scale):
+def _cudnn_arguments(query, key, value, segment_ids, kv_segment_ids, causal, scale,
+                     causal_offset=None):
   """Keyword arguments of ``jax.nn.dot_product_attention`` computing :func:`attention`.
 
   cuDNN's causal mask (``is_causal``) is aligned at the top-left corner, which equals the
@@ -550,20 +695,22 @@ def _cudnn_arguments(query, key, value, segment_ids, kv_segment_ids, causal, sca
   Segments go in ``mask`` as their equality matrix [B, 1, Lq, Lk].
   """
   lq, lk = query.shape[1], key.shape[1]
+  offset = lk - lq if causal_offset is None else int(causal_offset)
   mask = None
   if segment_ids is not None:
     mask = (segment_ids[:, :, None] == kv_segment_ids[:, None, :])[:, None]
-  is_causal = bool(causal) and lq == lk
-  if causal and lq != lk:
-    tri = (jnp.arange(lk)[None, :] <= jnp.arange(lq)[:, None] + (lk - lq))[None, None]
+  is_causal = bool(causal) and offset == 0
+  if causal and offset != 0:
+    tri = (jnp.arange(lk)[None, :] <= jnp.arange(lq)[:, None] + offset)[None, None]
     mask = tri if mask is None else mask & tri
   return dict(query=query, key=key, value=value, mask=mask, is_causal=is_causal, scale=scale)
 
 
-def _cudnn_attention(query, key, value, segment_ids, kv_segment_ids, causal, scale, dtype):
+def _cudnn_attention(query, key, value, segment_ids, kv_segment_ids, causal, scale, dtype,
+                     causal_offset=None):
   cdtype = jnp.dtype(dtype)
   args = _cudnn_arguments(query.astype(cdtype), key.astype(cdtype), value.astype(cdtype),
-                          segment_ids, kv_segment_ids, causal, scale)
+                          segment_ids, kv_segment_ids, causal, scale, causal_offset)
   return jax.nn.dot_product_attention(**args, implementation="cudnn").astype(dtype)
 
 

@@ -9,6 +9,10 @@ Names follow MaxText/big_vision conventions:
 
 * ``BATCH``   activations' leading batch axis.
 * ``LENGTH``  sequence (tokens, patches, query tokens) axis of activations.
+* ``SEQUENCE`` the token axis of a decoder's activations and of its batch arrays (input ids,
+  segment ids, positions, labels), split over the ``context`` mesh axis for context parallelism
+  (``vlm.parallel.mesh.DEFAULT_RULES``; attention then gathers keys/values, see
+  ``vlm.nn.attention.attention(sharded=True)``). No parameter carries it.
 * ``EMBED``   model width (d_model) of parameters and activations.
 * ``HEADS``   attention heads (or heads*head_dim when fused in a kernel).
 * ``KV``      per-head feature axis (head_dim).
@@ -25,6 +29,7 @@ import flax.linen as nn
 
 BATCH = "batch"
 LENGTH = "length"
+SEQUENCE = "sequence"
 EMBED = "embed"
 HEADS = "heads"
 KV = "kv"
@@ -33,7 +38,7 @@ VOCAB = "vocab"
 EXPERT = "expert"
 LAYERS = "layers"
 
-ALL_AXES = (BATCH, LENGTH, EMBED, HEADS, KV, MLP, VOCAB, EXPERT, LAYERS)
+ALL_AXES = (BATCH, LENGTH, SEQUENCE, EMBED, HEADS, KV, MLP, VOCAB, EXPERT, LAYERS)
 
 
 def with_axes(init: Callable, axes: Sequence[str | None]) -> Callable:

@@ -2,8 +2,11 @@
 
 The mesh has named axes ``data`` (pure data parallelism), ``fsdp`` (data parallelism with
 parameters and optimizer state sharded, ZeRO-3 style) and ``tensor`` (Megatron-style model
-parallelism over heads / MLP / vocabulary), plus ``expert`` for MoE models. Sizes come from
-``config.mesh.shape`` (a dict; one entry may be -1 = "all remaining devices").
+parallelism over heads / MLP / vocabulary), plus ``expert`` for MoE models and ``context``
+(context parallelism: the decoder's token axis, logical ``SEQUENCE``, split over it; attention
+all-gathers keys and values, ``vlm.nn.attention.attention(sharded=True)``). Sizes come from
+``config.mesh.shape`` (a dict; one entry may be -1 = "all remaining devices"; an absent axis has
+size 1).
 """
 from __future__ import annotations
 
@@ -17,7 +20,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from vlm.nn import partitioning as P
 
-MESH_AXES = ("data", "fsdp", "tensor", "expert")
+MESH_AXES = ("data", "fsdp", "tensor", "expert", "context")
 
 # Priority-ordered: flax assigns each logical axis the first rule whose mesh axes are still free in
 # that array, so an activation (batch, length, embed) gets batch -> (data, fsdp) and leaves embed
@@ -29,6 +32,7 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     (P.MLP, "tensor"),
     (P.VOCAB, "tensor"),
     (P.EXPERT, "expert"),
+    (P.SEQUENCE, "context"),
     (P.KV, None),
     (P.LENGTH, None),
     (P.LAYERS, None),
@@ -125,6 +129,24 @@ def check_batch_size(global_batch_size: int, mesh: Mesh, rules) -> None:
     raise ValueError(
         f"global batch size {global_batch_size} is not divisible by the {n} data-parallel shards "
         f"of mesh {dict(mesh.shape)}; pick a batch size that is a multiple of {n}.")
+
+
+def context_parallel_size(mesh: Mesh, rules) -> int:
+  """Number of ways the decoder's token axis (logical ``SEQUENCE``) is split under ``rules``."""
+  spec = nn.logical_to_mesh_axes((P.SEQUENCE,), rules)[0]
+  if spec is None:
+    return 1
+  names = spec if isinstance(spec, tuple) else (spec,)
+  return math.prod(mesh.shape[n] for n in names)
+
+
+def check_sequence_length(length: int, mesh: Mesh, rules) -> None:
+  """Raises ValueError unless rows of ``length`` tokens split evenly over the context shards."""
+  n = context_parallel_size(mesh, rules)
+  if length % n:
+    raise ValueError(
+        f"row length {length} is not divisible by the {n} context-parallel shards of mesh "
+        f"{dict(mesh.shape)}; pick a max_length that is a multiple of {n}.")
 
 
 def logical_sharding(mesh: Mesh, rules, axes: Sequence[str | None]) -> NamedSharding:

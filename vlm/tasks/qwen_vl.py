@@ -134,7 +134,12 @@ def init_model(model, rng, batch):
 
 
 def batch_axes(config) -> dict[str, Any]:
-  """Logical axes of the packed schema: rows split over the data-parallel axes."""
+  """Logical axes of the packed schema: rows split over the data-parallel axes, the token axis
+  of the token-level arrays (ids, segment ids, positions [3, B, L], labels, loss mask,
+  ``visual_token_index``) over the context-parallel axis (logical ``SEQUENCE`` -> mesh
+  ``context``); the patch buffers and vision tables stay whole per row (replicated over
+  ``context``: every context shard picks its own tokens' features from the row's merged
+  features)."""
   from vlm.models.qwen_vit import Qwen2_5_VLVisionConfig
   cfg = model_config(config)
   if isinstance(cfg.vision, Qwen2_5_VLVisionConfig):
@@ -144,8 +149,8 @@ def batch_axes(config) -> dict[str, Any]:
   else:
     vision = {"segment_ids": (P.BATCH, None), "rope_positions": (P.BATCH, None, None),
               "pos_embed_index": (P.BATCH, None, None), "pos_embed_weight": (P.BATCH, None, None)}
-  row = (P.BATCH, None)
-  return {"input_ids": row, "segment_ids": row, "position_ids": (None, P.BATCH, None),
+  row = (P.BATCH, P.SEQUENCE)
+  return {"input_ids": row, "segment_ids": row, "position_ids": (None, P.BATCH, P.SEQUENCE),
           "labels": row, "loss_mask": row, "pixel_values": (P.BATCH, None, None),
           "vision": vision, "visual_token_index": row}
 
