@@ -30,7 +30,8 @@ import jax.numpy as jnp
 from vlm.models.clip_vit import ClipVisionModel
 from vlm.models.eva_vit import EvaVisionModel
 from vlm.models.presets import Blip2Config, QFormerConfig
-from vlm.models.qformer import Blip2TextEmbeddings, QFormerModel
+from vlm.models.qformer import (Blip2TextEmbeddings, QFormerModel, stack_qformer_layers,
+                                unstack_qformer_layers)
 from vlm.nn import layers
 from vlm.nn import partitioning as P
 
@@ -64,6 +65,65 @@ def itg_attention_mask(text_attention_mask, num_queries: int):
   pattern = jnp.concatenate([top, bottom], axis=0)
   keys = jnp.concatenate([jnp.ones((batch, q), bool), text_mask], axis=1)
   return pattern[None] & keys[:, None, :]
+
+
+def layers_scanned(params) -> bool | None:
+  """The layer layout of a BLIP-2 params tree (stage 1 or 2; plain or under ``"params"``):
+  True when its vision tower / Q-Former hold a scanned ``encoder/layers`` subtree, False when
+  they hold ``layers_{i}`` / ``layer_{i}``, None when the tree has neither part."""
+  if "params" in params and len(params) == 1:
+    params = params["params"]
+  for part in ("vision_model", "qformer"):
+    enc = params.get(part, {}).get("encoder", {}) if hasattr(params.get(part, {}), "get") else {}
+    if enc:
+      return "layers" in enc
+  return None
+
+
+def convert_layer_layout(params, config, scan_layers: bool):
+  """A BLIP-2 params tree (stage 1 or stage 2, plain or under ``"params"``) with its vision
+  tower and Q-Former in the scanned (``scan_layers=True``) or unscanned layout, whichever it was
+  in (the LLM subtree and every other key are left as they are; partial trees, e.g. only the
+  Q-Former, are fine).
+
+  Scanned: ``vision_model/encoder/layers_{i}`` -> ``vision_model/encoder/layers`` [Lv, ...]
+  (:func:`vlm.models.qwen3.stack_layers`) and ``qformer/encoder/layer_{g*f+j}`` ->
+  ``qformer/encoder/layers/layer_{j}`` [Lq/f, ...] (:func:`vlm.models.qformer.stack_qformer_layers`).
+  Leaves may be numpy (stacked on the host CPU device, returned as numpy), jax arrays or, for
+  unstacking/stacking under ``jax.eval_shape``, tracers.
+
+  Args:
+    config: a :class:`~vlm.models.presets.Blip2Config` or ``Blip2Stage2Config`` (for the
+      Q-Former's ``cross_attention_frequency`` and layer count).
+  Raises:
+    ValueError: layer counts that do not fit ``config`` (from the stacking helpers).
+  """
+  import numpy as np
+  from vlm.models.qwen3 import stack_layers, unstack_layers
+  if "params" in params and len(params) == 1:
+    return {"params": convert_layer_layout(params["params"], config, scan_layers)}
+  leaves = jax.tree_util.tree_leaves(params)
+  host = bool(leaves) and all(isinstance(x, np.ndarray) for x in leaves)
+  out = dict(params)
+
+  def convert():
+    if "vision_model" in out and "encoder" in out["vision_model"]:
+      vm = dict(out["vision_model"])
+      fn = stack_layers if scan_layers else unstack_layers
+      vm["encoder"] = fn(dict(vm["encoder"]))
+      out["vision_model"] = vm
+    if "qformer" in out and "encoder" in out["qformer"]:
+      qf = dict(out["qformer"])
+      fn = stack_qformer_layers if scan_layers else unstack_qformer_layers
+      qf["encoder"] = fn(dict(qf["encoder"]), config.qformer)
+      out["qformer"] = qf
+
+  if host:  # stack on the host, never on an accelerator
+    with jax.default_device(jax.local_devices(backend="cpu")[0]):
+      convert()
+    return jax.tree.map(np.asarray, out)
+  convert()
+  return out
 
 
 class Blip2LMHead(nn.Module):
@@ -125,6 +185,9 @@ class Blip2Stage1(nn.Module):
     config: :class:`Blip2Config`.
     dtype / param_dtype: computation / storage dtypes.
     remat: rematerialise vision blocks and Q-Former layers.
+    scan_layers: vision blocks and Q-Former layers under ``nn.scan`` (compile time flat in
+      depth; params ``vision_model/encoder/layers`` and ``qformer/encoder/layers/layer_{j}`` with
+      a leading LAYERS axis; convert with :func:`convert_layer_layout`). Same outputs.
 
   Every method takes ``deterministic`` (default True); with False, dropout is active and a
   ``"dropout"`` rng must be given to ``apply``. Call methods with
@@ -134,18 +197,20 @@ class Blip2Stage1(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   remat: bool = False
+  scan_layers: bool = False
 
   def setup(self):
     cfg = self.config
     qcfg = cfg.qformer
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     vision_cls = EvaVisionModel if cfg.vision.kind == "eva" else ClipVisionModel
-    self.vision_model = vision_cls(cfg.vision, remat=self.remat, **kw)
+    self.vision_model = vision_cls(cfg.vision, remat=self.remat, scan_layers=self.scan_layers,
+                                   **kw)
     self.query_tokens = self.param(
         "query_tokens", P.with_axes(nn.initializers.normal(0.02), (None, None, P.EMBED)),
         (1, cfg.num_query_tokens, qcfg.hidden_size), self.param_dtype)
     self.embeddings = Blip2TextEmbeddings(qcfg, **kw)
-    self.qformer = QFormerModel(qcfg, remat=self.remat, **kw)
+    self.qformer = QFormerModel(qcfg, remat=self.remat, scan_layers=self.scan_layers, **kw)
     init = nn.initializers.normal(qcfg.initializer_range)
     self.vision_projection = layers.Dense(cfg.image_text_hidden_size, kernel_axes=(P.EMBED, None),
                                           kernel_init=init, **kw)
@@ -333,7 +398,8 @@ class Blip2Stage2(nn.Module):
     dtype / param_dtype: compute / storage dtypes; ``llm_param_dtype`` (default ``param_dtype``)
       stores the frozen LLM, e.g. bfloat16 as LAVIS casts FlanT5.
     remat: rematerialise vision blocks, Q-Former layers and LLM layers.
-    scan_layers: the LLM's layers under ``nn.scan`` (``language_model/.../layers``).
+    scan_layers: the vision blocks, the Q-Former layers (as :class:`Blip2Stage1`) and the LLM's
+      layers under ``nn.scan`` (``.../layers`` subtrees with a leading LAYERS axis).
   Named axes: ``B`` batch, ``Q`` queries, ``T`` text tokens, ``Td`` decoder tokens, ``Dl`` LLM
   width, ``V`` LLM vocabulary.
   """
@@ -348,11 +414,13 @@ class Blip2Stage2(nn.Module):
     cfg = self.config
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     vision_cls = EvaVisionModel if cfg.vision.kind == "eva" else ClipVisionModel
-    self.vision_model = vision_cls(cfg.vision, remat=self.remat, **kw)
+    self.vision_model = vision_cls(cfg.vision, remat=self.remat, scan_layers=self.scan_layers,
+                                   **kw)
     self.query_tokens = self.param(
         "query_tokens", P.with_axes(nn.initializers.normal(0.02), (None, None, P.EMBED)),
         (1, cfg.num_query_tokens, cfg.qformer.hidden_size), self.param_dtype)
-    self.qformer = QFormerModel(cfg.qformer, remat=self.remat, **kw)
+    self.qformer = QFormerModel(cfg.qformer, remat=self.remat, scan_layers=self.scan_layers,
+                                **kw)
     self.language_projection = layers.Dense(
         cfg.llm_hidden_size, kernel_axes=(None, P.EMBED),
         kernel_init=nn.initializers.normal(cfg.qformer.initializer_range), **kw)

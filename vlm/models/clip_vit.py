@@ -17,7 +17,7 @@ Parameter tree::
               position_embedding [1,N+1,Dv]}
   pre_layrnorm
   encoder/layers_{i}/{layer_norm1, self_attn/{q_proj,k_proj,v_proj,out_proj}, layer_norm2,
-                      mlp/{fc1, fc2}}
+                      mlp/{fc1, fc2}}      (scan_layers=True: encoder/layers, leading LAYERS axis)
   post_layernorm
 
 float16: as the EVA tower (:mod:`vlm.models.eva_vit`): float32 scores and residual stream, wide
@@ -87,6 +87,8 @@ class ClipVisionModel(nn.Module):
       float16 as in the module docstring).
     param_dtype: parameter storage dtype.
     remat: rematerialise each block.
+    scan_layers: the blocks under ``nn.scan`` (params ``encoder/layers`` with a leading LAYERS
+      axis, as in :mod:`vlm.models.eva_vit`).
   Call: ``pixel_values`` float [B, S, S, C] NHWC -> ``image_embeds`` [B, N+1, Dv] in ``dtype``.
     With ``return_pre_post_layernorm=True`` returns the blocks' output before ``post_layernorm``
     instead (= HF ``CLIPVisionModel`` ``last_hidden_state``; float32 for float16 compute, the
@@ -99,6 +101,7 @@ class ClipVisionModel(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   remat: bool = False
+  scan_layers: bool = False
 
   @nn.compact
   def __call__(self, pixel_values, return_pre_post_layernorm: bool = False):
@@ -110,7 +113,8 @@ class ClipVisionModel(nn.Module):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     x = VisionEmbeddings(cfg, use_bias=False, name="embeddings", **kw)(pixel_values)
     x = layers.LayerNorm(epsilon=cfg.layer_norm_eps, name="pre_layrnorm", **kw)(x)
-    x = VisionEncoder(cfg, block=ClipBlock, remat=self.remat, name="encoder", **kw)(x)
+    x = VisionEncoder(cfg, block=ClipBlock, remat=self.remat, scan_layers=self.scan_layers,
+                      name="encoder", **kw)(x)
     post_layernorm = layers.LayerNorm(epsilon=cfg.post_layernorm_eps, name="post_layernorm", **kw)
     if return_pre_post_layernorm:
       if self.is_initializing():

@@ -16,6 +16,12 @@ Parameter tree (mirrors HF keys; see /work/coord/CONTRACT.md)::
                       layer_norm2, mlp/{fc1, fc2}}
   post_layernorm   (LAVIS ``ln_vision``; trainable even when the tower is frozen)
 
+With ``scan_layers=True`` the blocks run under ``nn.scan`` (the compile no longer grows with the
+depth) and ``encoder/layers_{i}`` become one ``encoder/layers`` subtree whose leaves carry a
+leading ``LAYERS`` axis [num_hidden_layers, ...]; the two layouts convert with
+:func:`vlm.models.qwen3.stack_layers` / :func:`~vlm.models.qwen3.unstack_layers` (for whole
+BLIP-2 trees: :func:`vlm.models.blip2.convert_layer_layout`).
+
 :class:`VisionEmbeddings`, :class:`VisionMlp` and :func:`validate_pixel_values` are shared with the
 CLIP tower in :mod:`vlm.models.clip_vit`.
 
@@ -195,29 +201,34 @@ class EvaBlock(nn.Module):
   ``x = x + attn(ln1(x)); x = x + mlp(ln2(x))``, LNs with ``config.layer_norm_eps``.
   Shapes: [B, L, Dv] -> [B, L, Dv]; the output carries the (BATCH, LENGTH, EMBED) constraint.
   The CLIP block is the same with another attention (``attention_cls``, a class attribute).
+  With ``scan_body=True`` it is an ``nn.scan`` body: ``(x, None) -> (x, None)``.
   """
   config: Blip2VisionConfig
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  scan_body: bool = False
   attention_cls: ClassVar[type] = EvaAttention
 
   @nn.compact
-  def __call__(self, x):
+  def __call__(self, x, unused_xs=None):
     cfg = self.config
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     h = layers.LayerNorm(epsilon=cfg.layer_norm_eps, name="layer_norm1", **kw)(x)
     x = x + self.attention_cls(cfg, name="self_attn", **kw)(h)
     h = layers.LayerNorm(epsilon=cfg.layer_norm_eps, name="layer_norm2", **kw)(x)
     x = x + VisionMlp(cfg, name="mlp", **kw)(h)
-    return P.constrain(x, ACTIVATION_AXES)
+    x = P.constrain(x, ACTIVATION_AXES)
+    return (x, None) if self.scan_body else x
 
 
 class VisionEncoder(nn.Module):
-  """``config.num_hidden_layers`` blocks named ``layers_{i}``, optionally rematerialised.
+  """``config.num_hidden_layers`` blocks, optionally rematerialised and/or scanned.
 
   Attributes:
     block: the block class (:class:`EvaBlock` or the CLIP block).
     remat: wrap each block in ``nn.remat`` (recompute activations in the backward pass).
+    scan_layers: run the blocks under ``nn.scan``: one ``layers`` subtree with a leading
+      ``LAYERS`` axis instead of ``layers_{i}`` (same outputs; compile time flat in depth).
   Shapes: [B, L, Dv] -> [B, L, Dv] in :func:`vlm.nn.layers.residual_dtype` of ``dtype`` (the
   input is cast to it first: float32 for float16 compute).
   """
@@ -226,14 +237,23 @@ class VisionEncoder(nn.Module):
   remat: bool = False
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  scan_layers: bool = False
 
   @nn.compact
   def __call__(self, x):
-    block_cls = nn.remat(self.block) if self.remat else self.block
+    block_cls = self.block
+    if self.remat:
+      block_cls = nn.remat(block_cls, prevent_cse=not self.scan_layers)
     x = jnp.asarray(x, layers.residual_dtype(self.dtype))
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    if self.scan_layers:
+      scanned = nn.scan(block_cls, variable_axes={"params": 0}, split_rngs={"params": True},
+                        length=self.config.num_hidden_layers,
+                        metadata_params={nn.PARTITION_NAME: P.LAYERS})
+      x, _ = scanned(self.config, scan_body=True, name="layers", **kw)(x, None)
+      return x
     for i in range(self.config.num_hidden_layers):
-      x = block_cls(self.config, dtype=self.dtype, param_dtype=self.param_dtype,
-                    name=f"layers_{i}")(x)
+      x = block_cls(self.config, name=f"layers_{i}", **kw)(x)
     return x
 
 
@@ -250,6 +270,8 @@ class EvaVisionModel(nn.Module):
       float16 as in the module docstring).
     param_dtype: parameter storage dtype.
     remat: rematerialise each block (saves activation memory when the tower is trained).
+    scan_layers: the blocks under ``nn.scan`` (params ``encoder/layers`` with a leading LAYERS
+      axis; module docstring).
   Call: ``pixel_values`` float [B, S, S, C] NHWC -> ``image_embeds`` [B, N+1, Dv] in ``dtype``.
   Raises:
     ValueError: when ``config.kind`` is not "eva", or ``pixel_values`` does not have shape
@@ -259,6 +281,7 @@ class EvaVisionModel(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   remat: bool = False
+  scan_layers: bool = False
 
   @nn.compact
   def __call__(self, pixel_values):
@@ -269,6 +292,7 @@ class EvaVisionModel(nn.Module):
     validate_pixel_values(pixel_values, cfg)
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     x = VisionEmbeddings(cfg, use_bias=True, name="embeddings", **kw)(pixel_values)
-    x = VisionEncoder(cfg, block=EvaBlock, remat=self.remat, name="encoder", **kw)(x)
+    x = VisionEncoder(cfg, block=EvaBlock, remat=self.remat, scan_layers=self.scan_layers,
+                      name="encoder", **kw)(x)
     x = layers.LayerNorm(epsilon=cfg.post_layernorm_eps, name="post_layernorm", **kw)(x)
     return P.constrain(x, ACTIVATION_AXES)

@@ -16,6 +16,13 @@ Parameter tree (mirrors HF, see /work/coord/CONTRACT.md)::
   encoder/layer_{i}/{intermediate_query/dense, output_query/{dense,LayerNorm}}
   encoder/layer_{i}/{intermediate/dense, output/{dense,LayerNorm}}  (if use_qformer_text_input)
 
+With ``scan_layers=True`` the layers run under ``nn.scan`` over GROUPS of
+``cross_attention_frequency`` consecutive layers (a group = one layer with cross-attention followed
+by ``frequency - 1`` without, so every scanned step has the same parameter structure):
+``encoder/layer_{g*f+j}`` becomes ``encoder/layers/layer_{j}`` with a leading ``LAYERS`` axis
+[num_hidden_layers / f, ...] (BLIP-2: 6 groups of 2). Convert with :func:`stack_qformer_layers`
+/ :func:`unstack_qformer_layers`. ``num_hidden_layers`` must be a multiple of ``f``.
+
 float16 (``dtype=jnp.float16``; LAVIS trains the Q-Former under fp16 autocast): computed safely,
 not refused. The layers are post-LayerNorm, so the residual stream itself is normalised; what can
 exceed 65,504 is the FFN intermediate and the pre-LayerNorm sum ``dense(h) + residual``. For
@@ -27,7 +34,8 @@ float32 computation. bfloat16 and float32 compute what they did before.
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+import re
+from typing import Any, Callable, Mapping
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -232,6 +240,8 @@ class QFormerModel(nn.Module):
   Attributes:
     config: :class:`QFormerConfig`.
     remat: wrap each layer in ``nn.remat`` (recompute activations in the backward pass).
+    scan_layers: the layers under ``nn.scan`` over groups of ``cross_attention_frequency`` layers
+      (params ``encoder/layers/layer_{j}`` with a leading LAYERS axis; module docstring).
   Call args:
     hidden_states: float [B,L,D], query embeddings ++ text embeddings, BEFORE the embedding
       LayerNorm (``qformer/layernorm`` is applied here, to every position).
@@ -245,12 +255,14 @@ class QFormerModel(nn.Module):
   Returns:
     float [B,L,D] (``dtype``).
   Raises:
-    ValueError: bad ranks/shapes, ``query_length`` outside [0, L], width not ``hidden_size``.
+    ValueError: bad ranks/shapes, ``query_length`` outside [0, L], width not ``hidden_size``;
+      ``scan_layers`` with ``num_hidden_layers`` not a multiple of ``cross_attention_frequency``.
   """
   config: QFormerConfig
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   remat: bool = False
+  scan_layers: bool = False
 
   @nn.compact
   def __call__(self, hidden_states, query_length: int = 0, attention_mask=None,
@@ -282,31 +294,115 @@ class QFormerModel(nn.Module):
                          param_dtype=self.param_dtype)(hidden_states)
     x = nn.Dropout(cfg.hidden_dropout_prob)(x, deterministic=deterministic)
     x = P.constrain(x, (P.BATCH, P.LENGTH, P.EMBED))
+    f = cfg.cross_attention_frequency
+    if self.scan_layers and cfg.num_hidden_layers % f:
+      raise ValueError(f"scan_layers needs the Q-Former's num_hidden_layers "
+                       f"({cfg.num_hidden_layers}) to be a multiple of cross_attention_frequency "
+                       f"({f}): the scan runs over groups of {f} layers; set scan_layers=False")
     layer_cls = QFormerLayer
     if self.remat:
       # Arguments counted with self at 0: query_length (5) and deterministic (6) are static.
-      layer_cls = nn.remat(QFormerLayer, static_argnums=(5, 6))
-    encoder = _Encoder(config=cfg, layer_cls=layer_cls, dtype=self.dtype,
-                       param_dtype=self.param_dtype, name="encoder")
+      layer_cls = nn.remat(QFormerLayer, static_argnums=(5, 6), prevent_cse=not self.scan_layers)
+    encoder = _Encoder(config=cfg, layer_cls=layer_cls, scan_layers=self.scan_layers,
+                       dtype=self.dtype, param_dtype=self.param_dtype, name="encoder")
     return encoder(x, self_mask, encoder_hidden_states, encoder_mask, query_length, deterministic)
 
 
-class _Encoder(nn.Module):
-  """Holds ``layer_{i}`` so the tree reads ``encoder/layer_{i}`` as in HF."""
+class _LayerGroup(nn.Module):
+  """``count`` consecutive layers ``layer_{j}`` (layer indices ``first + j``); with
+  ``scan_body=True`` an ``nn.scan`` body returning ``(x, None)``."""
   config: QFormerConfig
   layer_cls: Callable = QFormerLayer
+  count: int = 1
+  first: int = 0
+  scan_body: bool = False
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x, self_mask, encoder_hidden_states, encoder_mask, query_length: int,
                deterministic: bool):
-    for i in range(self.config.num_hidden_layers):
-      x = self.layer_cls(config=self.config, layer_idx=i, dtype=self.dtype,
-                         param_dtype=self.param_dtype, name=f"layer_{i}")(
+    for j in range(self.count):
+      x = self.layer_cls(config=self.config, layer_idx=self.first + j, dtype=self.dtype,
+                         param_dtype=self.param_dtype, name=f"layer_{j}")(
                              x, self_mask, encoder_hidden_states, encoder_mask, query_length,
                              deterministic)
+    return (x, None) if self.scan_body else x
+
+
+class _Encoder(nn.Module):
+  """Holds ``layer_{i}`` so the tree reads ``encoder/layer_{i}`` as in HF; with ``scan_layers``
+  one scanned ``layers`` group of ``cross_attention_frequency`` layers instead."""
+  config: QFormerConfig
+  layer_cls: Callable = QFormerLayer
+  scan_layers: bool = False
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, self_mask, encoder_hidden_states, encoder_mask, query_length: int,
+               deterministic: bool):
+    cfg = self.config
+    args = (self_mask, encoder_hidden_states, encoder_mask, query_length, deterministic)
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    if self.scan_layers:
+      f = cfg.cross_attention_frequency
+      # Group-relative indices 0..f-1 have the cross-attention pattern of g*f + j.
+      scanned = nn.scan(_LayerGroup, variable_axes={"params": 0},
+                        split_rngs={"params": True, "dropout": True},
+                        in_axes=(nn.broadcast,) * len(args),
+                        length=cfg.num_hidden_layers // f,
+                        metadata_params={nn.PARTITION_NAME: P.LAYERS})
+      x, _ = scanned(cfg, self.layer_cls, count=f, scan_body=True, name="layers", **kw)(x, *args)
+      return x
+    for i in range(cfg.num_hidden_layers):
+      x = self.layer_cls(config=cfg, layer_idx=i, name=f"layer_{i}", **kw)(x, *args)
     return x
+
+
+_QFORMER_LAYER_KEY = re.compile(r"^layer_(\d+)$")
+
+
+def stack_qformer_layers(encoder: Mapping[str, Any], config: QFormerConfig) -> dict:
+  """Unscanned -> scanned Q-Former ``encoder`` subtree: ``layer_{g*f+j}`` -> ``layers/layer_{j}``
+  with leaves stacked on a new leading axis of size ``num_hidden_layers / f``
+  (``f = config.cross_attention_frequency``). A tree without ``layer_{i}`` keys (already scanned)
+  is returned unchanged. Reuses :func:`vlm.models.qwen3.stack_layers`.
+
+  Raises:
+    ValueError: a layer count that is not ``config.num_hidden_layers`` or not a multiple of ``f``,
+      or layers of one group position with different structures.
+  """
+  from vlm.models.qwen3 import stack_layers
+  idx = sorted(int(m.group(1)) for k in encoder if (m := _QFORMER_LAYER_KEY.match(str(k))))
+  if not idx:
+    return dict(encoder)
+  f = config.cross_attention_frequency
+  if idx != list(range(config.num_hidden_layers)) or len(idx) % f:
+    raise ValueError(f"Q-Former encoder has layers {idx}; stacking needs layer_0 .. "
+                     f"layer_{config.num_hidden_layers - 1} in groups of "
+                     f"cross_attention_frequency={f}")
+  out = {k: v for k, v in encoder.items() if not _QFORMER_LAYER_KEY.match(str(k))}
+  groups = {f"layers_{g}": {f"layer_{j}": encoder[f"layer_{g * f + j}"] for j in range(f)}
+            for g in range(len(idx) // f)}
+  out["layers"] = stack_layers(groups)["layers"]
+  return out
+
+
+def unstack_qformer_layers(encoder: Mapping[str, Any], config: QFormerConfig) -> dict:
+  """Scanned -> unscanned Q-Former ``encoder`` subtree (inverse of :func:`stack_qformer_layers`;
+  a tree without ``layers`` is returned unchanged). Reuses :func:`vlm.models.qwen3.unstack_layers`."""
+  from vlm.models.qwen3 import unstack_layers
+  if "layers" not in encoder:
+    return dict(encoder)
+  f = config.cross_attention_frequency
+  out = {k: v for k, v in encoder.items() if k != "layers"}
+  groups = unstack_layers({"layers": encoder["layers"]})
+  for gk, group in groups.items():
+    g = int(gk.split("_")[1])
+    for jk, layer in group.items():
+      out[f"layer_{g * f + int(jk.split('_')[1])}"] = layer
+  return out
 
 
 class Blip2TextEmbeddings(nn.Module):
