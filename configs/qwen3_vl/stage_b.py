@@ -10,8 +10,8 @@ Variants: tiny (CPU), 2b, 8b, 30b_a3b, 235b_a22b. On a TPU pod (every host):
     --workdir gs://bucket/b --config.init.workdir=gs://bucket/a \
     --config.mesh.shape.fsdp=-1 --config.mesh.shape.expert=8
 """
-from vlm.tasks.qwen_vl import qwen_vl_config
+from vlm.tasks.qwen_vl import expert_parallel, qwen_vl_config
 
 
 def get_config(arg: str | None = None):
-  return qwen_vl_config("b", arg)
+  return expert_parallel(qwen_vl_config("b", arg))  # MoE variants: routed, expert=8

@@ -9,8 +9,8 @@ Variants: tiny (CPU), 2b, 8b, 30b_a3b, 235b_a22b. On a TPU pod (every host):
   python scripts/train.py --multihost --config configs/qwen3_vl/stage_c.py:8b --workdir gs://bucket/c \
     --config.init.workdir=gs://bucket/b --config.mesh.shape.fsdp=-1
 """
-from vlm.tasks.qwen_vl import qwen_vl_config
+from vlm.tasks.qwen_vl import expert_parallel, qwen_vl_config
 
 
 def get_config(arg: str | None = None):
-  return qwen_vl_config("c", arg)
+  return expert_parallel(qwen_vl_config("c", arg))  # MoE variants: routed, expert=8

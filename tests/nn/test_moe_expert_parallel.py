@@ -120,7 +120,8 @@ def test_routed_without_mesh_and_errors():
 def test_qwen3_vl_moe_routed_equals_dense():
   """Tiny Qwen3-VL-MoE, two packed rows (images, a video, padding tokens at the row ends):
   logits and the gradients of (weighted logits + load-balancing loss) w.r.t. every parameter,
-  "routed" on an expert=4 x fsdp=2 mesh vs "dense" on one device."""
+  "routed" (decoder scanned and rematerialised) on an expert=4 x fsdp=2 mesh vs "dense"
+  (unscanned) on one device."""
   cfg_d = T.config("moe", moe_implementation="dense")
   cfg_r = T.config("moe", moe_implementation="routed")
   params = T.spread(jax.jit(lambda r: init_params(Qwen3VL(cfg_d), r))(jax.random.PRNGKey(0)), 3)
@@ -146,7 +147,8 @@ def test_qwen3_vl_moe_routed_equals_dense():
 
   (_, want), want_g = make_loss(Qwen3VL(cfg_d))(params, batch)
   rules, mesh = mesh_lib.DEFAULT_RULES, mesh_lib.make_mesh({"expert": 4, "fsdp": 2})
-  model = Qwen3VL(cfg_r)
+  model = Qwen3VL(cfg_r, scan_layers=True, remat=True)   # as the big configs run it
+  params, want_g = qwen3.stack_layers(params), qwen3.stack_layers(want_g)
   with nn.logical_axis_rules(rules):
     _, shardings = step_lib.param_shardings(
         model, (batch["input_ids"], batch["position_ids"], None, batch["pixel_values"],
@@ -154,7 +156,7 @@ def test_qwen3_vl_moe_routed_equals_dense():
   sharded = jax.device_put(params, shardings)
   specs = [tuple(x.sharding.spec) for path, x in jax.tree_util.tree_flatten_with_path(sharded)[0]
            if "gate_up_proj" in jax.tree_util.keystr(path)]
-  assert specs and all(s[:2] == ("expert", "fsdp") for s in specs), specs
+  assert specs and all(s[-3:-1] == ("expert", "fsdp") for s in specs), specs
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     (_, got), got_g = make_loss(model)(sharded, batch)
   err = float(np.abs(np.asarray(got) - np.asarray(want))[real].max())
@@ -190,3 +192,26 @@ def test_tpu_routed_path_compiles_for_v5p_topology():
   compiled = lowered.compile()
   mem = compiled.memory_analysis()
   assert mem.argument_size_in_bytes > 0
+
+
+def test_moe_recipes_use_routed_expert_parallelism():
+  """configs/qwen3_vl stage B and C: the MoE variants run "routed" on an expert=8 axis that also
+  splits the batch; the dense variants keep their settings."""
+  import importlib.util
+  from vlm.tasks.qwen_vl import MOE_VARIANTS
+  for stage in ("b", "c"):
+    path = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "qwen3_vl",
+                        f"stage_{stage}.py")
+    spec = importlib.util.spec_from_file_location(f"stage_{stage}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    for variant in MOE_VARIANTS + ("8b",):
+      c = module.get_config(variant)
+      routed = c.model.text_overrides.get("moe_implementation") == "routed"
+      assert routed == (variant in MOE_VARIANTS), (stage, variant)
+      if routed:
+        assert c.mesh.shape.expert == 8
+        rules = dict(mesh_lib.rules_from_config(c.mesh.rules))
+        assert rules["batch"] == ("data", "fsdp", "expert")
+        sizes = mesh_lib.resolve_mesh_shape(dict(c.mesh.shape), 256)   # a v5p-512 slice
+        assert sizes["fsdp"] == 32 and c.global_batch_size % 256 == 0

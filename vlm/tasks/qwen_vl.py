@@ -438,6 +438,31 @@ def qwen_vl_config(stage: str, variant: str | None = None) -> ml_collections.Con
   return c
 
 
+MOE_VARIANTS = ("30b_a3b", "235b_a22b")
+
+
+def expert_parallel(c: ml_collections.ConfigDict, expert: int = 8) -> ml_collections.ConfigDict:
+  """Routed expert parallelism for the MoE variants (others are returned unchanged).
+
+  Sets ``moe_implementation="routed"`` (tokens sent to their experts' devices and back,
+  :func:`vlm.nn.moe.routed_expert_mlp`), an ``expert`` mesh axis of ``expert`` devices (the 128
+  experts of Qwen3-VL-30B-A3B / 235B-A22B: 16 per device at 8; ``fsdp=-1`` takes the rest) and
+  rules that also split the batch over ``expert``: outside the MoE layers the expert axis is
+  data parallelism (attention and the dense parameters would otherwise be computed 8 times), so
+  the global batch must divide over data x fsdp x expert = all devices. Override on the command
+  line with ``--config.mesh.shape.expert=N`` (N must divide the expert count).
+  """
+  if c.variant not in MOE_VARIANTS:
+    return c
+  from vlm.parallel import mesh as mesh_lib
+  c.model.text_overrides.moe_implementation = "routed"
+  c.mesh.shape.expert = expert
+  batch_axes = ("data", "fsdp", "expert")
+  c.mesh.rules = [(name, batch_axes if name == P.BATCH else axes)
+                  for name, axes in mesh_lib.DEFAULT_RULES]
+  return c
+
+
 # ------------------------------------------------------------------------------------------------
 # Export: a training workdir -> an HF directory (scripts/convert_hf.py --from_workdir).
 
