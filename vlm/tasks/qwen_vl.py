@@ -203,6 +203,7 @@ def loss_fn(model, params, batch, rng, *, chunk_size: int = 512, z_loss: float =
   """
   del rng
   from vlm.models import qwen3
+  from vlm.nn.attention import context_parallel_size
   from vlm.objectives import lm, moe
   text = model.config.text
   is_moe = bool(getattr(text, "num_experts", 0))
@@ -211,7 +212,16 @@ def loss_fn(model, params, batch, rng, *, chunk_size: int = 512, z_loss: float =
                     return_hidden=True, mutable=mutable)
   (hidden, _), state = out if mutable else (out, {})
   head = qwen3.lm_head_kernel(params, text.tie_word_embeddings)
-  loss_sum, count, m = lm.chunked_next_token_loss(hidden, head, batch["labels"], batch["loss_mask"],
+  labels, loss_mask = batch["labels"], batch["loss_mask"]
+  cp = context_parallel_size()
+  if cp > 1 and hidden.shape[1] % cp == 0:
+    # context parallelism: each shard's tokens become rows of their own ([B, L] -> [B*cp, L/cp],
+    # the labels are already shifted on the host), so the chunked loss runs on local tokens
+    # instead of scanning chunks of the whole (gathered) sequence; same sums
+    b, l = labels.shape
+    fold = lambda x: x.reshape((b * cp, l // cp) + x.shape[2:])
+    hidden, labels, loss_mask = fold(hidden), fold(labels), fold(loss_mask)
+  loss_sum, count, m = lm.chunked_next_token_loss(hidden, head, labels, loss_mask,
                                                   chunk_size=chunk_size, z_loss=z_loss)
   denom = jnp.maximum(count, 1.0)
   loss = loss_sum / denom
