@@ -38,6 +38,8 @@ flags.DEFINE_integer("num_processes", None, "Number of processes of a multi-proc
 flags.DEFINE_integer("process_id", None, "This process's index, 0..num_processes-1.")
 flags.DEFINE_list("local_device_ids", None, "Optional: the local devices this process uses "
                   "(e.g. 0,1 for one process per pair of GPUs).")
+flags.DEFINE_integer("stop_after", None, "Stop (saving a checkpoint) once this many steps have run "
+                     "in total, as a preemption would; rerun the same command to continue.")
 flags.DEFINE_string("compilation_cache", "~/.cache/vlm/jax",
                     "Persistent XLA compilation cache (a resumed run skips recompiling); '' = off.")
 flags.mark_flags_as_required(["config", "workdir"])
@@ -66,7 +68,7 @@ def main(argv):
   from vlm.data.image import BadSampleError
   from vlm.train import checkpoint, loop
   try:
-    results = loop.run(FLAGS.config, FLAGS.workdir)
+    results = loop.run(FLAGS.config, FLAGS.workdir, stop_after=FLAGS.stop_after)
   except (BadSampleError, checkpoint.CheckpointMismatchError, checkpoint.CheckpointSaveError,
           loop.NonFiniteLossError, FileNotFoundError, ValueError) as e:
     # errors that name the record / file / key and the fix: one line, no library traceback

@@ -70,13 +70,16 @@ def _row(i: int, seed: int) -> dict:
 
 
 def train_data(config, *, seed, process_index, process_count):
+  """Process ``p`` of ``P`` gets rows ``[p*b, (p+1)*b)`` of each global batch (``b = B / P``), so
+  the global batch (and the rows each device holds) is the same for any process count."""
   n = config.data.num_rows
   b = config.global_batch_size // process_count
+  lo = process_index * b
   ds = (grain.MapDataset.range(n).shuffle(seed=seed).repeat()
-        [process_index::process_count]
-        .map(lambda i: _row(i, seed)).batch(b)
-        .map(lambda t: {"x": t["x"], "y": t["y"], "loss_mask": t["loss_mask"],
-                        "aux": {"pos": t["pos"].T.copy()}}))
+        .map(lambda i: _row(i, seed)).batch(config.global_batch_size)
+        .map(lambda t: {"x": t["x"][lo:lo + b], "y": t["y"][lo:lo + b],
+                        "loss_mask": t["loss_mask"][lo:lo + b],
+                        "aux": {"pos": t["pos"][lo:lo + b].T.copy()}}))
   return iter(ds.to_iter_dataset()), {"rows": n}
 
 

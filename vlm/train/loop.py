@@ -337,8 +337,9 @@ def _run(config, workdir, stop_after, preempt) -> dict[str, Any]:
       with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         for name, fn in evals.items():
           results["eval"][name] = fn(model, state.params, final_step, writer=writer)
-      with open(os.path.join(workdir, "eval_results.json"), "w") as f:
-        json.dump(results["eval"], f, indent=2)
+      if jax.process_index() == 0:  # every process evaluates (the arrays span them); one writes
+        with open(os.path.join(workdir, "eval_results.json"), "w") as f:
+          json.dump(results["eval"], f, indent=2)
   writer.close()
   manager.close()
   return results

@@ -13,6 +13,23 @@ import numpy as np
 from tqdm.auto import tqdm
 
 
+def _summary_writer_class():
+  """``tensorboardX.SummaryWriter``, imported without torch: tensorboardX imports torch when it
+  can (only to accept torch tensors, which vlm never passes), several seconds during which the
+  other processes of a multi-process run wait for process 0."""
+  import sys
+  if "tensorboardX" in sys.modules or "torch" in sys.modules:
+    from tensorboardX import SummaryWriter
+    return SummaryWriter
+  sys.modules["torch"] = None  # makes ``import torch`` raise ImportError
+  try:
+    from tensorboardX import SummaryWriter
+  finally:
+    if sys.modules.get("torch", 0) is None:
+      del sys.modules["torch"]
+  return SummaryWriter
+
+
 class MetricWriter:
   """Writes scalars to ``workdir/tensorboard`` and appends JSON lines to ``workdir/metrics.jsonl``.
 
@@ -33,7 +50,7 @@ class MetricWriter:
     self._tb = None
     self._jsonl = None
     if self.enabled:
-      from tensorboardX import SummaryWriter
+      SummaryWriter = _summary_writer_class()
       os.makedirs(workdir, exist_ok=True)
       path = os.path.join(workdir, "metrics.jsonl")
       dropped = truncate_jsonl(path, int(start_step))
