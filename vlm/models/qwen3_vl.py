@@ -356,6 +356,9 @@ class Qwen3VL(nn.Module):
                          f"input_ids has B={b}; stack one patch buffer per batch row")
       out = self.visual(pixel_values, **vision_tables)
       merged, ds_list = out if cfg.deepstack else (out, [])
+      if per_row:  # the tower's rows (VISION_BATCH: data-parallel over tensor too) -> LLM layout
+        merged = P.constrain(merged, (P.BATCH, P.LENGTH, P.EMBED))
+        ds_list = [P.constrain(d, (P.BATCH, P.LENGTH, P.EMBED)) for d in ds_list]
       idx = jnp.asarray(visual_token_index, jnp.int32)
       visual_mask = idx >= 0
       rows = jnp.clip(idx, 0, merged.shape[-2] - 1)

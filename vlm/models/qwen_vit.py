@@ -89,7 +89,7 @@ from vlm.nn.attention import (IMPLEMENTATIONS, attention, dot_product_attention,
 
 Dtype = Any
 
-ACTIVATION_AXES = (P.BATCH, P.LENGTH, P.EMBED)
+ACTIVATION_AXES = (P.VISION_BATCH, P.LENGTH, P.EMBED)
 VISION_ROPE_THETA = 10000.0
 
 
@@ -470,6 +470,36 @@ def vision_rope_angles(rope_positions, head_dim: int) -> jax.Array:
   return rope.vision_rope(jnp.moveaxis(pos, -1, 0), head_dim, VISION_ROPE_THETA)
 
 
+def constrain_rows(x, axes=ACTIVATION_AXES[1:], lead: int = 0):
+  """Sharding constraint on a vision activation [B, ...]: rows on ``VISION_BATCH``, the other
+  dimensions on ``axes`` (default ``(LENGTH, EMBED)``); no-op outside a mesh + logical rules.
+  ``lead`` leading dimensions before the rows stay unsharded (e.g. the DeepStack buffer
+  [K, B, Np, Dv] with ``lead=1``).
+
+  ``VISION_BATCH``'s mesh axes (default ``data, fsdp, tensor``: the tower is data-parallel over
+  the LLM's tensor axis too) are cut to their longest prefix whose size divides ``B``, so any
+  batch that divides the LLM's data-parallel axes works (e.g. 2 rows on data=2, tensor=4 stay on
+  data). Rules without ``VISION_BATCH`` (a config's own table) put the rows on ``BATCH``.
+  Returns ``x`` constrained (same values).
+  """
+  rules = nn.get_logical_axis_rules()
+  mesh = jax.sharding.get_abstract_mesh()
+  if not rules or mesh.empty:
+    return x
+  row = P.VISION_BATCH if any(r[0] == P.VISION_BATCH for r in rules) else P.BATCH
+  spec = list(nn.logical_to_mesh_axes((row,) + tuple(axes), rules))
+  first = spec[0]
+  names = () if first is None else (first if isinstance(first, tuple) else (first,))
+  keep, size = [], 1
+  for name in names:
+    if x.shape[lead] % (size * mesh.shape[name]):
+      break
+    keep.append(name)
+    size *= mesh.shape[name]
+  spec[0] = tuple(keep) if keep else None
+  return jax.lax.with_sharding_constraint(x, jax.sharding.PartitionSpec(*([None] * lead), *spec))
+
+
 def _segment_mask(segment_ids):
   """[B, L] int -> bool [B, 1, L, L], True where the two tokens share a segment id."""
   return (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]
@@ -523,7 +553,7 @@ class VisionAttention(nn.Module):
     b, l, d = x.shape
     h = self.num_heads
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    qkv = layers.Dense(3 * d, kernel_axes=(P.EMBED, P.HEADS), name="qkv", **kw)(x)
+    qkv = layers.Dense(3 * d, kernel_axes=(P.EMBED, P.VISION_HEADS), name="qkv", **kw)(x)
     qkv = qkv.reshape(b, l, 3, h, d // h)
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
     q, k = rope.rotate(q, angles), rope.rotate(k, angles)
@@ -535,7 +565,7 @@ class VisionAttention(nn.Module):
     else:
       out = attention(q, k, v, segment_ids=segment_ids, causal=False, implementation=impl,
                       block_size=self.block_size, dtype=self.dtype)
-    return layers.Dense(d, kernel_axes=(P.HEADS, P.EMBED), name="proj", wide_float16=True,
+    return layers.Dense(d, kernel_axes=(P.VISION_HEADS, P.EMBED), name="proj", wide_float16=True,
                         **kw)(out.reshape(b, l, d))
 
 
@@ -573,7 +603,7 @@ class VisionBlock(nn.Module):
                            block_size=self.attention_block_size, name="attn", **kw)
     x = x + attn(norm("norm1")(x), angles, segment_ids)
     y = mlp(cfg, name="mlp", **kw)(norm("norm2")(x))
-    return P.constrain(x + y, ACTIVATION_AXES)
+    return constrain_rows(x + y)
 
 
 class _ScannedVisionBlock(VisionBlock):
@@ -603,8 +633,8 @@ class _ScannedVisionBlock(VisionBlock):
     if taps is not None:
       at = jnp.maximum(slot, 0)
       old = jax.lax.dynamic_index_in_dim(taps, at, 0, keepdims=False)
-      taps = jax.lax.dynamic_update_index_in_dim(
-          taps, jnp.where(slot >= 0, jnp.asarray(x, taps.dtype), old), at, 0)
+      taps = constrain_rows(jax.lax.dynamic_update_index_in_dim(
+          taps, jnp.where(slot >= 0, jnp.asarray(x, taps.dtype), old), at, 0), lead=1)
     return (x, taps), None
 
 
@@ -666,10 +696,10 @@ class _Qwen3VLVisionMlp(nn.Module):
   def __call__(self, x):
     cfg = self.config
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    y = layers.Dense(cfg.intermediate_size, kernel_axes=(P.EMBED, P.MLP), name="linear_fc1",
+    y = layers.Dense(cfg.intermediate_size, kernel_axes=(P.EMBED, P.VISION_MLP), name="linear_fc1",
                      wide_float16=True, **kw)(x)
     y = layers.activation(cfg.hidden_act)(y)
-    return layers.Dense(cfg.hidden_size, kernel_axes=(P.MLP, P.EMBED), name="linear_fc2",
+    return layers.Dense(cfg.hidden_size, kernel_axes=(P.VISION_MLP, P.EMBED), name="linear_fc2",
                         wide_float16=True, **kw)(y)
 
 
@@ -748,10 +778,10 @@ class Qwen3VLVisionPatchMerger(nn.Module):
       x = norm(x.reshape(b, n // unit, unit * d))
     else:
       x = norm(x).reshape(b, n // unit, unit * d)
-    x = layers.Dense(unit * d, kernel_axes=(P.EMBED, P.MLP), name="linear_fc1", wide_float16=True,
+    x = layers.Dense(unit * d, kernel_axes=(P.EMBED, P.VISION_MLP), name="linear_fc1", wide_float16=True,
                      **kw)(x)
     x = layers.gelu_exact(x)
-    return layers.Dense(cfg.out_hidden_size, kernel_axes=(P.MLP, P.EMBED), name="linear_fc2",
+    return layers.Dense(cfg.out_hidden_size, kernel_axes=(P.VISION_MLP, P.EMBED), name="linear_fc2",
                         wide_float16=True, **kw)(x)
 
 
@@ -813,7 +843,7 @@ class Qwen3VLVisionModel(nn.Module):
     pe = pe + corners[:, 2] * wt[:, 2]
     pe = pe + corners[:, 3] * wt[:, 3]
     x = jnp.asarray(x, layers.residual_dtype(self.dtype)) + pe  # float32 residual for float16
-    x = P.constrain(x, ACTIVATION_AXES)
+    x = constrain_rows(x)
 
     angles = vision_rope_angles(a["rope_positions"], cfg.head_dim)
     seg = jnp.asarray(a["segment_ids"], jnp.int32)
@@ -828,11 +858,11 @@ class Qwen3VLVisionModel(nn.Module):
     def deepstack_merge(k, h):
       ds = Qwen3VLVisionPatchMerger(cfg, use_postshuffle_norm=True,
                                     name=f"deepstack_merger_list_{k}", **kw)(h)
-      deepstack[k] = jnp.where(valid, ds, 0)
+      deepstack[k] = constrain_rows(jnp.where(valid, ds, 0))
 
     if self.scan_layers:  # one scan; the tapped block outputs collected in a [K, ...] buffer
       slot = np.array([taps.get(i, -1) for i in range(cfg.depth)], np.int32)
-      buf = jnp.zeros((len(taps),) + x.shape, x.dtype) if taps else None
+      buf = constrain_rows(jnp.zeros((len(taps),) + x.shape, x.dtype), lead=1) if taps else None
       xs = (jnp.zeros(cfg.depth, jnp.int32), jnp.asarray(slot))
       (x, buf), _ = _scanned_blocks(cfg, cfg.depth, self.remat, **attn_kw, **kw)(
           (x, buf), xs, angles, seg, seg)
@@ -845,7 +875,7 @@ class Qwen3VLVisionModel(nn.Module):
         if i in taps:
           deepstack_merge(taps[i], x)
     merged = Qwen3VLVisionPatchMerger(cfg, use_postshuffle_norm=False, name="merger", **kw)(x)
-    merged = jnp.where(valid, merged, 0)
+    merged = constrain_rows(jnp.where(valid, merged, 0))
     if squeeze:
       return merged[0], [d[0] for d in deepstack]
     return merged, deepstack
@@ -866,12 +896,12 @@ class _Qwen2_5_VLVisionMlp(nn.Module):
   def __call__(self, x):
     cfg = self.config
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, wide_float16=True)
-    gate = layers.Dense(cfg.intermediate_size, kernel_axes=(P.EMBED, P.MLP), name="gate_proj",
+    gate = layers.Dense(cfg.intermediate_size, kernel_axes=(P.EMBED, P.VISION_MLP), name="gate_proj",
                         **kw)(x)
-    up = layers.Dense(cfg.intermediate_size, kernel_axes=(P.EMBED, P.MLP), name="up_proj",
+    up = layers.Dense(cfg.intermediate_size, kernel_axes=(P.EMBED, P.VISION_MLP), name="up_proj",
                       **kw)(x)
     y = layers.activation(cfg.hidden_act)(gate) * up
-    return layers.Dense(cfg.hidden_size, kernel_axes=(P.MLP, P.EMBED), name="down_proj",
+    return layers.Dense(cfg.hidden_size, kernel_axes=(P.VISION_MLP, P.EMBED), name="down_proj",
                         **kw)(y)
 
 
@@ -891,10 +921,10 @@ class Qwen2_5_VLPatchMerger(nn.Module):
     b, n, d = x.shape
     unit = cfg.spatial_merge_size ** 2
     x = layers.RMSNorm(name="ln_q", **kw)(x).reshape(b, n // unit, unit * d)
-    x = layers.Dense(unit * d, kernel_axes=(P.EMBED, P.MLP), name="mlp_0", wide_float16=True,
+    x = layers.Dense(unit * d, kernel_axes=(P.EMBED, P.VISION_MLP), name="mlp_0", wide_float16=True,
                      **kw)(x)
     x = layers.gelu_exact(x)
-    return layers.Dense(cfg.out_hidden_size, kernel_axes=(P.MLP, P.EMBED), name="mlp_2",
+    return layers.Dense(cfg.out_hidden_size, kernel_axes=(P.VISION_MLP, P.EMBED), name="mlp_2",
                         wide_float16=True, **kw)(x)
 
 
@@ -954,7 +984,7 @@ class Qwen2_5_VLVisionModel(nn.Module):
         jnp.asarray(x, self.dtype))
     x = jnp.asarray(x, layers.residual_dtype(self.dtype))  # float32 residual for float16
     win = jnp.asarray(a["window_index"], jnp.int32)
-    x = P.constrain(_gather_units(x, win, unit), ACTIVATION_AXES)
+    x = constrain_rows(_gather_units(x, win, unit))
     pos = _gather_units(jnp.asarray(a["rope_positions"], jnp.int32), win, unit)
     seg = _gather_units(jnp.asarray(a["segment_ids"], jnp.int32), win, unit)
     angles = vision_rope_angles(pos, cfg.head_dim)
@@ -978,5 +1008,5 @@ class Qwen2_5_VLVisionModel(nn.Module):
     merged = jnp.take_along_axis(merged, inv[..., None], axis=1)
     seg_in = jnp.asarray(a["segment_ids"], jnp.int32)
     valid = (seg_in.reshape(b, n // unit, unit)[..., 0] > 0)[..., None]
-    merged = jnp.where(valid, merged, 0)
+    merged = constrain_rows(jnp.where(valid, merged, 0))
     return merged[0] if squeeze else merged

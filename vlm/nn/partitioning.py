@@ -20,6 +20,11 @@ Names follow MaxText/big_vision conventions:
 * ``VOCAB``   vocabulary axis of embedding tables and LM heads.
 * ``EXPERT``  MoE experts.
 * ``LAYERS``  stacked layer axis under ``nn.scan``.
+* ``VISION_BATCH`` rows of a vision tower's activations (Qwen ViTs), ``VISION_HEADS`` /
+  ``VISION_MLP`` its attention and MLP parameter axes: own names so that the tower can run
+  data-parallel over more mesh axes than the LLM (``vlm.parallel.mesh.DEFAULT_RULES``: rows over
+  ``data``, ``fsdp`` and ``tensor``, weights replicated over ``tensor``) while the LLM is
+  tensor-parallel.
 """
 from __future__ import annotations
 
@@ -39,6 +44,12 @@ EXPERT = "expert"
 LAYERS = "layers"
 
 ALL_AXES = (BATCH, LENGTH, SEQUENCE, EMBED, HEADS, KV, MLP, VOCAB, EXPERT, LAYERS)
+
+# vision towers' own names (see the module docstring)
+VISION_BATCH = "vision_batch"
+VISION_HEADS = "vision_heads"
+VISION_MLP = "vision_mlp"
+ALL_AXES = ALL_AXES + (VISION_BATCH, VISION_HEADS, VISION_MLP)
 
 
 def with_axes(init: Callable, axes: Sequence[str | None]) -> Callable:

@@ -26,6 +26,11 @@ MESH_AXES = ("data", "fsdp", "tensor", "expert", "context")
 # that array, so an activation (batch, length, embed) gets batch -> (data, fsdp) and leaves embed
 # replicated, while a parameter (embed, mlp) gets embed -> fsdp and mlp -> tensor.
 DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
+    # Vision towers (Qwen ViTs): rows data-parallel over data, fsdp and tensor (qwen_vit keeps the
+    # longest prefix that divides the rows; first, so EMBED does not take fsdp from them), weights
+    # replicated over tensor (VISION_HEADS / VISION_MLP below; fsdp-sharded through EMBED); the
+    # merged features are then resharded to the LLM's (batch, ...) layout.
+    (P.VISION_BATCH, ("data", "fsdp", "tensor")),
     (P.BATCH, ("data", "fsdp")),
     (P.EMBED, "fsdp"),
     (P.HEADS, "tensor"),
@@ -36,6 +41,8 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     (P.KV, None),
     (P.LENGTH, None),
     (P.LAYERS, None),
+    (P.VISION_HEADS, None),
+    (P.VISION_MLP, None),
 )
 
 
