@@ -228,3 +228,27 @@ def test_restore_onto_one_device_and_resume_on_another_mesh(runs, tmp_path):
   diff = _max_diff(jax.device_get(cont["state"].params), runs["one_params"])
   print(f"resumed at step 3 on fsdp=8 vs uninterrupted on data=2,fsdp=4: max |diff| {diff:.3g}")
   assert diff <= 1e-6
+
+
+def test_multi_process_flags_are_checked():
+  from vlm.train import cli
+  assert cli.init_distributed() is False  # no flags: one process, nothing started
+  with pytest.raises(cli.ConfigError, match="without --num_processes, --process_id"):
+    cli.init_distributed(coordinator_address="127.0.0.1:1234")
+  with pytest.raises(cli.ConfigError, match=r"--process_id=2 is not in \[0, --num_processes=2\)"):
+    cli.init_distributed(coordinator_address="127.0.0.1:1234", num_processes=2, process_id=2)
+  with pytest.raises(cli.ConfigError, match="needs a port"):
+    cli.init_distributed(coordinator_address="127.0.0.1", num_processes=2, process_id=0)
+  with pytest.raises(cli.ConfigError, match="--local_device_ids applies to a multi-process run"):
+    cli.init_distributed(local_device_ids=[0])
+  # --multihost where no cluster can be detected: one line naming the explicit flags (a fresh
+  # process: jax.distributed must start before any jax computation)
+  env = {k: v for k, v in _env(1).items()
+         if not k.startswith(("SLURM_", "OMPI_", "PMI_", "TPU_", "CLOUD_TPU", "MEGASCALE"))}
+  code = ("from vlm.train import cli\ntry:\n  cli.init_distributed(multihost=True)\n"
+          "except cli.ConfigError as e:\n  print(e)")
+  out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=TIMEOUT_S)
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert "--multihost found no cluster to join" in out.stdout, out.stdout[-2000:]
+  assert "--coordinator_address=<process 0 host>:<port> --num_processes=N" in out.stdout
