@@ -118,6 +118,15 @@ def test_rows_that_do_not_divide_use_a_dividing_prefix():
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     w = jax.jit(lambda a: qwen_vit.constrain_rows(a))(jnp.zeros((8, 4, 3)))  # a fresh trace
   assert _row_axes(w) == {"data"}
+  # expert parallelism (BATCH over data, fsdp, expert; qwen_vl.expert_parallel's rules): the
+  # tower's rows keep those axes and add tensor / context, never fewer than the LLM's
+  emesh = mesh_lib.make_mesh({"data": 1, "expert": 4, "tensor": 2}, jax.devices()[:8])
+  rules = tuple((n, ("data", "fsdp", "expert") if n == P.BATCH else a)
+                for n, a in mesh_lib.DEFAULT_RULES)
+  with jax.set_mesh(emesh), nn.logical_axis_rules(rules):
+    e8 = jax.jit(lambda a: qwen_vit.constrain_rows(a))(jnp.zeros((8, 4, 3)))
+    e4 = jax.jit(lambda a: qwen_vit.constrain_rows(a))(jnp.zeros((4, 4, 3)))
+  assert _row_axes(e8) == {"expert", "tensor"} and _row_axes(e4) == {"expert"}
 
 
 @pytest.mark.parametrize("impl", ["chunked", "xla"])

@@ -471,33 +471,39 @@ def vision_rope_angles(rope_positions, head_dim: int) -> jax.Array:
 
 
 def constrain_rows(x, axes=ACTIVATION_AXES[1:], lead: int = 0):
-  """Sharding constraint on a vision activation [B, ...]: rows on ``VISION_BATCH``, the other
-  dimensions on ``axes`` (default ``(LENGTH, EMBED)``); no-op outside a mesh + logical rules.
-  ``lead`` leading dimensions before the rows stay unsharded (e.g. the DeepStack buffer
-  [K, B, Np, Dv] with ``lead=1``).
+  """Sharding constraint on a vision activation [B, ...]: rows data-parallel over as many mesh
+  axes as divide them, the other dimensions on ``axes`` (default ``(LENGTH, EMBED)``); no-op
+  outside a mesh + logical rules. ``lead`` leading dimensions before the rows stay unsharded
+  (e.g. the DeepStack buffer [K, B, Np, Dv] with ``lead=1``).
 
-  ``VISION_BATCH``'s mesh axes (default ``data, fsdp, tensor``: the tower is data-parallel over
-  the LLM's tensor axis too) are cut to their longest prefix whose size divides ``B``, so any
-  batch that divides the LLM's data-parallel axes works (e.g. 2 rows on data=2, tensor=4 stay on
-  data). Rules without ``VISION_BATCH`` (a config's own table) put the rows on ``BATCH``.
-  Returns ``x`` constrained (same values).
+  The rows' mesh axes are those of ``BATCH`` (the LLM's data parallelism, e.g. ``data, fsdp`` or
+  with expert parallelism ``data, fsdp, expert``) followed by the other axes of
+  ``VISION_BATCH`` (default ``data, fsdp, expert, context, tensor``: the tower is data-parallel
+  over the LLM's expert, context and tensor axes too), cut to the longest prefix whose size
+  divides ``B`` (e.g. 2 rows on data=2, tensor=4 stay on data). A dimension in ``axes`` that
+  would use one of those mesh axes stays unsharded. Returns ``x`` constrained (same values).
   """
   rules = nn.get_logical_axis_rules()
   mesh = jax.sharding.get_abstract_mesh()
   if not rules or mesh.empty:
     return x
-  row = P.VISION_BATCH if any(r[0] == P.VISION_BATCH for r in rules) else P.BATCH
-  spec = list(nn.logical_to_mesh_axes((row,) + tuple(axes), rules))
-  first = spec[0]
-  names = () if first is None else (first if isinstance(first, tuple) else (first,))
+
+  def names(spec):
+    return () if spec is None else (spec if isinstance(spec, tuple) else (spec,))
+
+  order = list(names(nn.logical_to_mesh_axes((P.BATCH,), rules)[0]))
+  order += [a for a in names(nn.logical_to_mesh_axes((P.VISION_BATCH,), rules)[0])
+            if a not in order]
   keep, size = [], 1
-  for name in names:
+  for name in order:
     if x.shape[lead] % (size * mesh.shape[name]):
       break
     keep.append(name)
     size *= mesh.shape[name]
-  spec[0] = tuple(keep) if keep else None
-  return jax.lax.with_sharding_constraint(x, jax.sharding.PartitionSpec(*([None] * lead), *spec))
+  rest = [None if set(names(a)) & set(keep) else a
+          for a in nn.logical_to_mesh_axes((P.VISION_BATCH,) + tuple(axes), rules)[1:]]
+  spec = [None] * lead + [tuple(keep) if keep else None] + rest
+  return jax.lax.with_sharding_constraint(x, jax.sharding.PartitionSpec(*spec))
 
 
 def _segment_mask(segment_ids):

@@ -23,8 +23,8 @@ Names follow MaxText/big_vision conventions:
 * ``VISION_BATCH`` rows of a vision tower's activations (Qwen ViTs), ``VISION_HEADS`` /
   ``VISION_MLP`` its attention and MLP parameter axes: own names so that the tower can run
   data-parallel over more mesh axes than the LLM (``vlm.parallel.mesh.DEFAULT_RULES``: rows over
-  ``data``, ``fsdp`` and ``tensor``, weights replicated over ``tensor``) while the LLM is
-  tensor-parallel.
+  ``data``, ``fsdp``, ``expert``, ``context`` and ``tensor`` as far as they divide, weights
+  replicated over ``tensor``) while the LLM is tensor-, expert- or context-parallel.
 """
 from __future__ import annotations
 

@@ -26,11 +26,12 @@ MESH_AXES = ("data", "fsdp", "tensor", "expert", "context")
 # that array, so an activation (batch, length, embed) gets batch -> (data, fsdp) and leaves embed
 # replicated, while a parameter (embed, mlp) gets embed -> fsdp and mlp -> tensor.
 DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
-    # Vision towers (Qwen ViTs): rows data-parallel over data, fsdp and tensor (qwen_vit keeps the
-    # longest prefix that divides the rows; first, so EMBED does not take fsdp from them), weights
-    # replicated over tensor (VISION_HEADS / VISION_MLP below; fsdp-sharded through EMBED); the
-    # merged features are then resharded to the LLM's (batch, ...) layout.
-    (P.VISION_BATCH, ("data", "fsdp", "tensor")),
+    # Vision towers (Qwen ViTs): rows data-parallel over BATCH's axes and then these (qwen_vit.
+    # constrain_rows keeps the longest prefix that divides the rows; listed first so that EMBED
+    # does not take fsdp from them), weights replicated over tensor (VISION_HEADS / VISION_MLP
+    # below; fsdp-sharded through EMBED); the merged features are then resharded to the LLM's
+    # (batch, ...) layout.
+    (P.VISION_BATCH, ("data", "fsdp", "expert", "context", "tensor")),
     (P.BATCH, ("data", "fsdp")),
     (P.EMBED, "fsdp"),
     (P.HEADS, "tensor"),
