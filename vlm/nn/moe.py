@@ -60,7 +60,13 @@ Cost notes (measured with ``scripts/benchmark_moe.py``):
   supported by XLA:CPU ThunkEmitter", jax 0.10.2), so on CPU the same exchange is one dense
   ``all_to_all`` of per-destination blocks sized for the worst case. The recipe (sort, ragged
   all-to-all, grouped matmul, reverse) is the one MaxText's expert-parallel ``sparse_matmul``
-  uses (inspiration only; independent implementation).
+  uses (inspiration only; independent implementation). Cost (``scripts/benchmark_moe.py``): on
+  8 simulated CPU devices forward+backward takes 1.05x (expert=4 x data=2) to 2.2x (expert=8)
+  the dense time (CPU's ragged_dot is a masked dense dot over the whole worst-case buffer). AOT
+  for v5p (8 chips, expert=8), one Qwen3-235B-A22B layer, 4,096 tokens per chip, bfloat16: the
+  expert matmuls are 1/16 of dense's (3.7 vs 59.4 TFLOP per chip, analytic; the compiler reports
+  26.4 vs 52.8 because megablox's estimate counts the whole receive buffer), and the worst-case
+  receive buffer (8x the average rows) costs 10.94 GiB per chip in all vs 7.66 GiB for dense.
 """
 from __future__ import annotations
 
@@ -356,7 +362,7 @@ def _local_routed(x, gate_up, down, expert_ids, weights, activation, *, num_expe
 
 def _token_axes_from_rules(mesh) -> tuple[str, ...]:
   """Mesh axes that shard the flattened [B*L] token axis: those of the current flax logical
-  rules for ``batch`` then ``length`` (so the shard_map's token split refines the activation
+  rules for ``batch`` then ``sequence`` (context parallelism) / ``length`` (so the shard_map's token split refines the activation
   layout without moving data), then every other mesh axis in mesh order."""
   axes = []
   try:
