@@ -143,6 +143,7 @@ def test_tpu_compiler_hbm_message_is_parsed():
 
 
 def test_collective_stats_weights_ops_by_loop_trip_count():
+  # a loop with known_trip_count 5, and one whose count is the condition's `i < 3`
   hlo = """HloModule m
 
 %body (p: (s32[], f32[8,4])) -> (s32[], f32[8,4]) {
@@ -157,8 +158,19 @@ def test_collective_stats_weights_ops_by_loop_trip_count():
   ROOT %lt = pred[] compare(%a, %b), direction=LT
 }
 
+%body2 (p: (s32[], f32[8,4])) -> (s32[], f32[8,4]) {
+  %cp2 = f32[4,4]{1,0:T(4,128)} collective-permute(f32[4,4]{1,0} %z), source_target_pairs={{0,1}}
+}
+
+%cond2 (p: (s32[], f32[8,4])) -> pred[] {
+  %c = s32[]{:T(128)} constant(3)
+  %i = s32[]{:T(128)} get-tuple-element(%p), index=0
+  ROOT %lt = pred[] compare(%i, %c), direction=LT
+}
+
 ENTRY %main (a: f32[8,4]) -> f32[8,4] {
   %w = (s32[], f32[8,4]) while(%init), condition=%cond, body=%body, backend_config={"known_trip_count":{"n":"5"}}
+  %w2 = (s32[]{:T(128)}, f32[8,4]{1,0:T(8,128)}) while(%init2), condition=%cond2, body=%body2
   %rs = f32[2,4]{1,0} reduce-scatter(f32[8,4]{1,0} %a), dimensions={0}, to_apply=%add
   %a2a = (f32[2,4]{1,0}, f32[2,4]{1,0}) all-to-all(f32[2,4] %q, f32[2,4] %r)
   ROOT %cp = f32[8,4]{1,0} collective-permute(f32[8,4]{1,0} %z), source_target_pairs={{0,1}}
@@ -169,7 +181,7 @@ ENTRY %main (a: f32[8,4]) -> f32[8,4] {
                  "all-reduce": {"count": 5, "bytes": 5 * 8 * 4 * 4},
                  "reduce-scatter": {"count": 1, "bytes": 2 * 4 * 4},
                  "all-to-all": {"count": 1, "bytes": 2 * 2 * 4 * 4},
-                 "collective-permute": {"count": 1, "bytes": 8 * 4 * 4}}
+                 "collective-permute": {"count": 1 + 3, "bytes": 8 * 4 * 4 + 3 * 4 * 4 * 4}}
 
 
 def test_script_compiles_on_8_simulated_cpu_devices(tmp_path):

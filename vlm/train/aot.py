@@ -280,10 +280,14 @@ def _shape_bytes(text: str) -> int:
 def collective_stats(hlo_text: str) -> dict[str, dict[str, int]]:
   """Per collective kind, ``{"count": ops, "bytes": result bytes}`` of an (SPMD-partitioned,
   i.e. per-device) HLO module's text, each op weighted by how often it runs: an op in a
-  ``while`` body with a ``known_trip_count`` (a scanned layer stack) counts that many times.
+  ``while`` body (a scanned layer stack, microbatches) counts once per iteration, the trip count
+  taken from the loop's ``known_trip_count`` or else from a condition ``i < N`` with a single
+  integer constant N (the form ``lax.scan`` emits); other loops count once.
   Async pairs count once (the ``-done`` result); ``-start`` ops are skipped."""
   comps: dict[str, list[tuple[str, str]]] = {}  # computation -> [(kind, result shape text)]
-  edges: dict[str, list[tuple[str, int]]] = {}
+  edges: dict[str, list[tuple[str, Any]]] = {}  # -> [(callee, trip count or condition name)]
+  bounds: dict[str, list[int]] = {}  # computation -> its s32/s64 scalar constants
+  less_than: set[str] = set()  # computations with a compare(..., direction=LT)
   entry = None
   current = None
   for line in hlo_text.splitlines():
@@ -301,10 +305,18 @@ def collective_stats(hlo_text: str) -> dict[str, dict[str, int]]:
     if not im:
       continue
     _, shape, op, rest = im.groups()
-    trip = 1
+    if op == "constant":
+      c = re.fullmatch(r"\s*[su](?:32|64)\[\]\S*", shape)
+      v = re.match(r"\s*(\d+)\)", rest)
+      if c and v:
+        bounds.setdefault(current, []).append(int(v.group(1)))
+    elif op == "compare" and "direction=LT" in rest:
+      less_than.add(current)
+    trip: Any = 1
     if op == "while":
       t = _TRIP.search(rest)
-      trip = int(t.group(1)) if t else 1
+      cond = re.search(r"\bcondition=%?([\w.\-]+)", rest)
+      trip = int(t.group(1)) if t else ("cond", cond.group(1) if cond else "")
     for kind, callee in _CALLS.findall(rest):
       edges[current].append((callee, trip if kind == "body" else 1))
     for group in _BRANCHES.findall(rest):
@@ -319,12 +331,21 @@ def collective_stats(hlo_text: str) -> dict[str, dict[str, int]]:
     return {}
   mult: dict[str, int] = {}
 
+  def trips(trip) -> int:
+    if isinstance(trip, int):
+      return trip
+    # no known_trip_count (TPU HLO after loop rewrites): a condition `i < N` with one constant N
+    # and a counter from 0, as lax.scan / fori_loop emit; otherwise counted once.
+    cond = trip[1]
+    consts = bounds.get(cond, [])
+    return consts[0] if cond in less_than and len(consts) == 1 and consts[0] > 0 else 1
+
   def visit(name, factor, depth=0):
     if depth > 64:
       return
     mult[name] = mult.get(name, 0) + factor
     for callee, trip in edges.get(name, ()):
-      visit(callee, factor * trip, depth + 1)
+      visit(callee, factor * trips(trip), depth + 1)
 
   visit(entry, 1)
   out: dict[str, dict[str, int]] = {}
