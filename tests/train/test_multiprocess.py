@@ -12,7 +12,8 @@
 * a 2-process run stopped at step 3 (``--stop_after=3``) and rerun resumes exactly: bitwise the
   parameters of the uninterrupted 2-process run;
 * each process saved its own data-iterator position; process 0 alone wrote ``metrics.jsonl``;
-* ``scripts/evaluate.py`` on ONE device evaluates that 8-device, 2-process checkpoint;
+* ``scripts/evaluate.py`` on ONE device evaluates that 8-device, 2-process checkpoint, as the
+  run's own evaluation at its end did (every process evaluates, process 0 writes);
 * resuming it with another process count is refused with a message naming both counts (the
   checkpoint is left in place, not moved aside as damaged).
 
@@ -107,7 +108,7 @@ def runs(tmp_path_factory):
   1-process 8-device run of the same config here."""
   root = tmp_path_factory.mktemp("runs")
   two = str(root / "two")
-  procs = _launch(two)
+  procs = _launch(two, "--config.eval.at_end=True")  # evaluators run on every process
   try:
     one = loop.run(fake_config.get_config(), str(root / "one"))
   finally:
@@ -158,6 +159,8 @@ def test_two_processes_equal_one_resume_exactly_and_evaluate_on_one_device(runs,
   expect = fake_task.evaluators(c)["heldout"](fake_task.build_model(c), two, 6)
   got = json.load(open(tmp_path / "eval.json"))
   assert got["step"] == 6 and abs(got["heldout"]["mse"] - expect["mse"]) < 1e-6, (got, expect)
+  at_end = json.load(open(os.path.join(straight, "eval_results.json")))  # written by process 0
+  assert abs(at_end["heldout"]["mse"] - expect["mse"]) < 1e-6, (at_end, expect)
 
   # this process (1 process, 8 devices) may not resume the 2-process run: refused, nothing moved
   with pytest.raises(ckpt.CheckpointMismatchError, match="saved by 2.*--num_processes=2"):

@@ -11,6 +11,7 @@ parameters whose path and shape match) > scratch.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -334,9 +335,20 @@ def _run(config, workdir, stop_after, preempt) -> dict[str, Any]:
     evals = task.evaluators(config)
     if evals:
       results["eval"] = {}
-      with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+      if jax.process_count() > 1:
+        # Evaluators jit functions that close over the parameters, which jax refuses for arrays
+        # spanning processes: every process evaluates on a local copy on its first device (the
+        # parameters are gathered on every host; for a model that does not fit one host, evaluate
+        # the checkpoint with scripts/evaluate.py instead), without the global mesh.
+        from jax.experimental import multihost_utils
+        eval_params = jax.device_put(multihost_utils.process_allgather(state.params, tiled=True),
+                                     jax.local_devices()[0])
+        context = contextlib.nullcontext()
+      else:
+        eval_params, context = state.params, jax.set_mesh(mesh)
+      with context, nn.logical_axis_rules(rules):
         for name, fn in evals.items():
-          results["eval"][name] = fn(model, state.params, final_step, writer=writer)
+          results["eval"][name] = fn(model, eval_params, final_step, writer=writer)
       if jax.process_index() == 0:  # every process evaluates (the arrays span them); one writes
         with open(os.path.join(workdir, "eval_results.json"), "w") as f:
           json.dump(results["eval"], f, indent=2)
