@@ -32,7 +32,11 @@ def test_blip2_dispatch_and_convert_script(tmp_path):
                                              param_dtype=jnp.bfloat16)
   assert model16.dtype == jnp.bfloat16 and params16["query_tokens"].dtype == jnp.bfloat16
   with pytest.raises(ValueError, match="Qwen checkpoints only"):
-    vlm.load_pretrained(tmp_path / "hf", scan_layers=True)
+    vlm.load_pretrained(tmp_path / "hf", scan_vision=True)
+  # scan_layers: the tower's blocks and the Q-Former's layers come stacked, for a scanned model
+  model_s, params_s, _ = vlm.load_pretrained(tmp_path / "hf", scan_layers=True)
+  assert model_s.scan_layers and "layers" in params_s["vision_model"]["encoder"]
+  assert "layers" in params_s["qformer"]["encoder"]
 
 
 def test_bad_directories(tmp_path):

@@ -65,7 +65,8 @@ def load_pretrained(path: str | os.PathLike, *, dtype: Any = None, param_dtype: 
     param_dtype: dtype of the returned parameters (default float32; ``jnp.bfloat16`` keeps a
       bf16 checkpoint at half the memory).
     scan_layers, remat: Qwen and BLIP-2 stage 2: decoder layers under ``nn.scan`` (parameters
-      returned stacked, ``language_model/layers``) and rematerialised, for training.
+      returned stacked, ``language_model/layers``) and rematerialised, for training; BLIP-2
+      (both stages): also the vision blocks and Q-Former layers (``.../encoder/layers``).
     moe_implementation: Qwen MoE only: ``"auto"``, ``"dense"``, ``"ragged"`` or ``"gather"``
       expert evaluation (``Qwen3TextConfig.moe_implementation``); None keeps the default
       ("auto").
@@ -120,14 +121,16 @@ def load_pretrained(path: str | os.PathLike, *, dtype: Any = None, param_dtype: 
                         remat=remat)
     return model, params, llm_tokenizer(config.llm_kind)
   if model_type in BLIP2_TYPES:
-    if scan_layers or remat or scan_vision or moe_implementation is not None:
-      raise ValueError("scan_layers, remat, scan_vision and moe_implementation apply to Qwen "
-                       f"checkpoints only; {path} is BLIP-2")
+    if scan_vision or moe_implementation is not None:
+      raise ValueError("scan_vision and moe_implementation apply to Qwen checkpoints only; "
+                       f"{path} is BLIP-2")
     from vlm.convert.hf_blip2 import load_hf_blip2
     from vlm.data.text import Blip2Tokenizer
     from vlm.models.blip2 import Blip2Stage1
-    config, params = load_hf_blip2(path)
+    config, params = load_hf_blip2(path, scan_layers=scan_layers)
     params = jax.tree_util.tree_map(lambda x: jnp.asarray(x, param_dtype), params)
-    return Blip2Stage1(config, dtype=dtype, param_dtype=param_dtype), params, Blip2Tokenizer()
+    model = Blip2Stage1(config, dtype=dtype, param_dtype=param_dtype, scan_layers=scan_layers,
+                        remat=remat)
+    return model, params, Blip2Tokenizer()
   raise ValueError(f"{cfg_file} has model_type {model_type!r}; load_pretrained supports "
                    f"{QWEN_TYPES + BLIP2_TYPES}")

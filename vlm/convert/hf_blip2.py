@@ -238,8 +238,8 @@ def init_stage1_only_params(config: Blip2Config, seed: int = 0) -> dict:
   }
 
 
-def load_hf_blip2(path: str, init_params: Mapping[str, Any] | None = None, seed: int = 0,
-                  **config_overrides) -> tuple[Blip2Config, dict]:
+def load_hf_blip2(path: str, init_params: Mapping[str, Any] | None = None, seed: int = 0, *,
+                  scan_layers: bool = False, **config_overrides) -> tuple[Blip2Config, dict]:
   """Loads a local HF ``Blip2ForImageTextRetrieval`` directory as ``Blip2Stage1`` params.
 
   Args:
@@ -250,6 +250,8 @@ def load_hf_blip2(path: str, init_params: Mapping[str, Any] | None = None, seed:
       from ``init_params`` when given, otherwise initialised with :func:`init_stage1_only_params`
       (``seed``).
     seed: PRNG seed for that initialisation.
+    scan_layers: return the scanned layer layout of ``Blip2Stage1(scan_layers=True)``
+      (:func:`vlm.models.blip2.convert_layer_layout`).
     **config_overrides: top-level :class:`Blip2Config` fields to replace (e.g. ``temp_init``).
   Returns:
     ``(config, params)``: params is a nested dict of numpy arrays with the ``Blip2Stage1`` tree
@@ -287,6 +289,9 @@ def load_hf_blip2(path: str, init_params: Mapping[str, Any] | None = None, seed:
   else:
     extra = init_stage1_only_params(config, seed)
   params.update(extra)
+  if scan_layers:
+    from vlm.models.blip2 import convert_layer_layout
+    params = convert_layer_layout(params, config, scan_layers=True)
   return config, params
 
 
@@ -310,12 +315,13 @@ def _params_from_state(state: Mapping[str, np.ndarray], config: Blip2Config) -> 
 def hf_state_from_params(config: Blip2Config, params: Mapping[str, Any]) -> dict[str, np.ndarray]:
   """``Blip2Stage1`` params -> HF ``Blip2ForImageTextRetrieval`` state dict (numpy).
 
-  The stage-1-only params (``cls/...``, ``temp``) are dropped.
+  The stage-1-only params (``cls/...``, ``temp``) are dropped. ``params`` may be in either layer
+  layout (scanned trees are unstacked first).
 
   Raises:
     ValueError: missing, unknown or wrongly shaped params (all listed).
   """
-  flat = _flat(params)
+  flat = _flat(_unscanned(params, config))
   vision_flat = {p[1:]: v for p, v in flat.items() if p[0] == "vision_model"}
   rest = {p: v for p, v in flat.items()
           if p[0] != "vision_model" and p not in STAGE1_ONLY_PATHS}
@@ -329,6 +335,13 @@ def hf_state_from_params(config: Blip2Config, params: Mapping[str, Any]) -> dict
   if problems:
     raise ValueError("cannot convert Blip2Stage1 params to HF: " + "; ".join(problems))
   return state
+
+
+def _unscanned(params, config):
+  """``params`` (plain, boxed, frozen) unboxed, with the towers in the unscanned layout."""
+  from vlm.models.blip2 import convert_layer_layout
+  params = flax.core.meta.unbox(flax.core.unfreeze(params))
+  return convert_layer_layout(params, config, scan_layers=False)
 
 
 def save_hf_blip2(config: Blip2Config, params: Mapping[str, Any], path: str,
@@ -390,7 +403,9 @@ def init_qformer_from_bert(params: Mapping[str, Any], config: Blip2Config, bert_
   their values. BERT's ``token_type_embeddings`` and pooler are not used (LAVIS drops them).
 
   Args:
-    params: ``Blip2Stage1`` params (plain or with partitioning boxes; the boxes are kept).
+    params: ``Blip2Stage1`` params (plain or with partitioning boxes; the boxes are kept), in
+      either layer layout (``scan_layers``: the BERT layers are stacked into
+      ``qformer/encoder/layers``).
     config: the model config.
     bert_dir: directory with ``config.json`` and ``model.safetensors`` (or sharded index).
   Returns:
@@ -481,7 +496,17 @@ def init_qformer_from_bert(params: Mapping[str, Any], config: Blip2Config, bert_
     if absent:
       raise ValueError(f"BERT checkpoint {bert_dir} lacks keys: {keymap.format_keys(absent)}")
     new[head + ("bias",)] = resized_rows(bias, q.vocab_size, "cls.predictions.bias")
+  if _qformer_scanned(params):  # Blip2Stage1(scan_layers=True): stack the per-layer weights
+    from vlm.models.blip2 import convert_layer_layout
+    new = {tuple(k): v for k, v in flax.traverse_util.flatten_dict(convert_layer_layout(
+        flax.traverse_util.unflatten_dict(new), config, scan_layers=True)).items()}
   return _replace_leaves(params, new)
+
+
+def _qformer_scanned(params) -> bool:
+  """True when ``params`` (plain, boxed or frozen) hold a scanned ``qformer/encoder/layers``."""
+  enc = flax.core.unfreeze(params).get("qformer", {}).get("encoder", {})
+  return "layers" in enc
 
 
 def _replace_leaves(params: Mapping[str, Any], new: Mapping[tuple[str, ...], np.ndarray]) -> dict:
@@ -623,7 +648,8 @@ def load_hf_blip2_stage2(path: str, *, scan_layers: bool = False, dtype=None):
 
   Args:
     path: ``config.json`` + ``model.safetensors`` (or an index and shards).
-    scan_layers: the LLM's layers stacked (``Blip2Stage2(scan_layers=True)``).
+    scan_layers: the layout of ``Blip2Stage2(scan_layers=True)``: the vision blocks, the Q-Former
+      layers (:func:`vlm.models.blip2.convert_layer_layout`) and the LLM's layers stacked.
     dtype: cast every array (None keeps the stored dtypes).
   Returns:
     ``(Blip2Stage2Config, params)``: params a nested dict of numpy arrays.
@@ -644,6 +670,9 @@ def load_hf_blip2_stage2(path: str, *, scan_layers: bool = False, dtype=None):
   if problems:
     raise ValueError(f"cannot convert the HF BLIP-2 checkpoint {path}: " + "; ".join(problems))
   params = flax.traverse_util.unflatten_dict(flat)
+  if scan_layers:
+    from vlm.models.blip2 import convert_layer_layout
+    params = convert_layer_layout(params, config, scan_layers=True)
   params["language_model"] = llm
   if dtype is not None:
     params = jax.tree.map(lambda x: np.asarray(x, dtype), params)
@@ -654,6 +683,9 @@ def hf_state_from_stage2_params(config, params: Mapping[str, Any], *,
                                 scan_layers: bool = False) -> dict[str, np.ndarray]:
   """``Blip2Stage2`` params -> HF ``Blip2ForConditionalGeneration`` state dict (numpy).
 
+  ``scan_layers`` says the LLM's layout; the vision tower and Q-Former may be in either layout
+  (scanned ones are unstacked).
+
   Raises:
     ValueError: missing, unknown or wrongly shaped params (all listed).
   """
@@ -661,7 +693,7 @@ def hf_state_from_stage2_params(config, params: Mapping[str, Any], *,
   if "params" in params and len(params) == 1:
     params = params["params"]
   params = flax.linen.unbox(dict(params))
-  flat = _flat({k: v for k, v in params.items() if k != "language_model"})
+  flat = _flat(_unscanned({k: v for k, v in params.items() if k != "language_model"}, config))
   rest = {p: v for p, v in flat.items() if p[0] != "vision_model"}
   problems = []
   state = keymap.flat_to_hf(rest, stage2_qformer_entries(config), problems)
@@ -702,11 +734,13 @@ def save_hf_blip2_stage2(config, params: Mapping[str, Any], path: str, *,
     json.dump(hf_config, fh, indent=2, sort_keys=True)
 
 
-def load_hf_blip2_qformer(path: str, config) -> dict[tuple[str, ...], np.ndarray]:
+def load_hf_blip2_qformer(path: str, config, *, scan_layers: bool = False
+                          ) -> dict[tuple[str, ...], np.ndarray]:
   """The vision tower, query tokens and Q-Former of an HF BLIP-2 directory (retrieval or
   conditional generation) as flat ``{path: array}`` of a ``Blip2Stage2``, for initialising stage
   2 (plus ``language_projection`` from a stage-2 checkpoint; never the LLM: see
-  :func:`load_hf_language_model` and ``config.init.llm_checkpoint``).
+  :func:`load_hf_language_model` and ``config.init.llm_checkpoint``). ``scan_layers``: paths
+  and shapes of ``Blip2Stage2(scan_layers=True)`` (tower and Q-Former layers stacked).
 
   Raises:
     ValueError: a checkpoint whose tower, Q-Former or query count differ from ``config`` (listed),
@@ -723,14 +757,17 @@ def load_hf_blip2_qformer(path: str, config) -> dict[tuple[str, ...], np.ndarray
   if diffs:
     raise ValueError(f"the HF BLIP-2 checkpoint {path} does not fit the stage-2 model: "
                      + "; ".join(diffs))
+  from vlm.models.blip2 import convert_layer_layout
   if stage2:
     _, params = load_hf_blip2_stage2(path)
     params.pop("language_model")
-    return _flat(params)
+    return _flat(convert_layer_layout(params, config, scan_layers))
   _, params = load_hf_blip2(path)
   text_ffn = lambda p: p[0] == "qformer" and len(p) > 3 and p[3] in ("intermediate", "output")
-  return {p: v for p, v in _flat(params).items()
+  kept = {p: v for p, v in _flat(params).items()
           if p[0] in ("vision_model", "query_tokens", "qformer") and not text_ffn(p)}
+  return _flat(convert_layer_layout(flax.traverse_util.unflatten_dict(kept), config,
+                                    scan_layers))
 
 
 def load_hf_language_model(path: str, config, *, scan_layers: bool = False):

@@ -88,7 +88,8 @@ def convert_layer_layout(params, config, scan_layers: bool):
 
   Scanned: ``vision_model/encoder/layers_{i}`` -> ``vision_model/encoder/layers`` [Lv, ...]
   (:func:`vlm.models.qwen3.stack_layers`) and ``qformer/encoder/layer_{g*f+j}`` ->
-  ``qformer/encoder/layers/layer_{j}`` [Lq/f, ...] (:func:`vlm.models.qformer.stack_qformer_layers`).
+  ``qformer/encoder/layers/layer_{j}`` [Lq/f, ...]
+  (:func:`vlm.models.qformer.stack_qformer_layers`).
   Leaves may be numpy (stacked on the host CPU device, returned as numpy), jax arrays or, for
   unstacking/stacking under ``jax.eval_shape``, tracers.
 
@@ -119,7 +120,11 @@ def convert_layer_layout(params, config, scan_layers: bool):
       out["qformer"] = qf
 
   if host:  # stack on the host, never on an accelerator
-    with jax.default_device(jax.local_devices(backend="cpu")[0]):
+    try:
+      device = jax.local_devices(backend="cpu")[0]
+    except RuntimeError:  # no CPU backend in this process (JAX_PLATFORMS without cpu)
+      device = None
+    with jax.default_device(device):
       convert()
     return jax.tree.map(np.asarray, out)
   convert()

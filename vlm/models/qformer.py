@@ -391,7 +391,8 @@ def stack_qformer_layers(encoder: Mapping[str, Any], config: QFormerConfig) -> d
 
 def unstack_qformer_layers(encoder: Mapping[str, Any], config: QFormerConfig) -> dict:
   """Scanned -> unscanned Q-Former ``encoder`` subtree (inverse of :func:`stack_qformer_layers`;
-  a tree without ``layers`` is returned unchanged). Reuses :func:`vlm.models.qwen3.unstack_layers`."""
+  a tree without ``layers`` is returned unchanged). Reuses
+  :func:`vlm.models.qwen3.unstack_layers`."""
   from vlm.models.qwen3 import unstack_layers
   if "layers" not in encoder:
     return dict(encoder)

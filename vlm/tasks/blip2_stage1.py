@@ -47,11 +47,46 @@ def dtype_of(name: str):
     raise ValueError(f"dtype must be float32, bfloat16 or float16, got {name!r}") from None
 
 
+def preset_overrides(config: ml_collections.ConfigDict) -> dict:
+  """``config.model.overrides`` as ``dataclasses.replace`` arguments of the preset: top-level
+  fields as they are; a dict under ``vision`` or ``qformer`` replaces fields of that part (e.g.
+  ``{"vision": {"num_hidden_layers": 4}, "qformer": {"num_hidden_layers": 4}}``; the Q-Former's
+  ``encoder_hidden_size`` follows the vision width).
+
+  Raises:
+    ValueError: a field the sub-config does not have.
+  """
+  import dataclasses
+  raw = dict(config.model.get("overrides", {}))
+  nested = {k: dict(raw.pop(k)) for k in ("vision", "qformer", "llm")
+            if k in raw and hasattr(raw[k], "keys")}
+  if not nested:
+    return raw
+  preset = models.presets.get_preset(config.model.preset)
+  out = dict(raw)
+  for part, fields in nested.items():
+    sub = getattr(preset, part)
+    unknown = sorted(set(fields) - {f.name for f in dataclasses.fields(sub)})
+    if unknown:
+      raise ValueError(f"config.model.overrides.{part} has unknown fields {unknown}; "
+                       f"{type(sub).__name__} has {[f.name for f in dataclasses.fields(sub)]}")
+    out[part] = dataclasses.replace(sub, **fields)
+  vision = out.get("vision", preset.vision)
+  qformer = out.get("qformer", preset.qformer)
+  if qformer.encoder_hidden_size != vision.hidden_size:
+    out["qformer"] = dataclasses.replace(qformer, encoder_hidden_size=vision.hidden_size)
+  return out
+
+
 def build_model(config: ml_collections.ConfigDict):
-  """The linen module named by ``config.model`` (preset + dtypes)."""
-  return models.build(config.model.name, config.model.preset, dtype=dtype_of(config.model.dtype),
-                      param_dtype=dtype_of(config.model.param_dtype),
-                      preset_overrides=dict(config.model.get("overrides", {})))
+  """The linen module named by ``config.model`` (preset + dtypes, :func:`preset_overrides`,
+  ``scan_layers`` / ``remat`` switches)."""
+  m = config.model
+  return models.build(m.name, m.preset, dtype=dtype_of(m.dtype),
+                      param_dtype=dtype_of(m.param_dtype),
+                      preset_overrides=preset_overrides(config),
+                      scan_layers=bool(m.get("scan_layers", False)),
+                      remat=bool(m.get("remat", False)))
 
 
 def example_batch(config, batch_size: int = 1) -> dict[str, np.ndarray]:
@@ -174,7 +209,8 @@ def init_params(config, model, params, shardings):
     stage1_only = {p: _small_to_host(flax.traverse_util.flatten_dict(params)[p])
                    for p in hf_blip2.STAGE1_ONLY_PATHS}
     _, loaded = hf_blip2.load_hf_blip2(
-        hf_dir, init_params=flax.traverse_util.unflatten_dict(stage1_only))
+        hf_dir, init_params=flax.traverse_util.unflatten_dict(stage1_only),
+        scan_layers=bool(getattr(model, "scan_layers", False)))
     log.info("initialised from HF checkpoint %s", hf_dir)
     return _place_host_leaves(params, shardings, flax.traverse_util.flatten_dict(loaded))
   # BERT: the converter only needs shapes and dtypes of the leaves it replaces.

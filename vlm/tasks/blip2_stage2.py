@@ -44,7 +44,7 @@ import numpy as np
 
 from vlm import models
 from vlm.nn import partitioning as P
-from vlm.tasks.blip2_stage1 import dtype_of, resolve_bert_dir, _place_host_leaves
+from vlm.tasks.blip2_stage1 import dtype_of, preset_overrides, resolve_bert_dir, _place_host_leaves
 
 log = logging.getLogger("vlm.train")
 
@@ -65,7 +65,7 @@ def build_model(config: ml_collections.ConfigDict):
   dtype, ``scan_layers``, ``remat``)."""
   m = config.model
   llm_dtype = m.get("llm_param_dtype", "")
-  return models.build("blip2_stage2", m.preset, preset_overrides=dict(m.get("overrides", {})),
+  return models.build("blip2_stage2", m.preset, preset_overrides=preset_overrides(config),
                       dtype=dtype_of(m.dtype), param_dtype=dtype_of(m.param_dtype),
                       llm_param_dtype=dtype_of(llm_dtype) if llm_dtype else None,
                       scan_layers=bool(m.get("scan_layers", False)),
@@ -155,7 +155,30 @@ def validate(config) -> None:
 # Initial weights
 # -------------------------------------------------------------------------------------------------
 
-def _stage1_init(config, params, shardings):
+def _init_from_workdir_any_layout(params, shardings, workdir: str, *, model_config):
+  """:func:`vlm.train.checkpoint.init_params_from_workdir` across layer layouts: when the saved
+  run's vision tower / Q-Former are scanned and this model's are not (or the reverse), ``params``
+  are converted to the saved layout (:func:`vlm.models.blip2.convert_layer_layout`, on the
+  devices, under jit), read from the checkpoint there, and converted back into ``shardings``."""
+  from vlm.models.blip2 import convert_layer_layout, layers_scanned
+  from vlm.train import checkpoint as ckpt
+  _, saved = ckpt.saved_param_shapes(workdir)
+  saved_scanned = any(name.startswith(("vision_model/encoder/layers/",
+                                       "qformer/encoder/layers/")) for name in saved)
+  here = layers_scanned(params)
+  if here is None or here == saved_scanned:
+    return ckpt.init_params_from_workdir(params, shardings, workdir)
+  log.info("converting the vision tower / Q-Former layer layout (%s -> %s) to read %s",
+           "scanned" if here else "unscanned", "scanned" if saved_scanned else "unscanned",
+           workdir)
+  to_saved = jax.jit(lambda p: convert_layer_layout(p, model_config, saved_scanned))
+  alt = to_saved(params)
+  alt = ckpt.init_params_from_workdir(alt, jax.tree.map(lambda x: x.sharding, alt), workdir)
+  back = jax.jit(lambda p: convert_layer_layout(p, model_config, here), out_shardings=shardings)
+  return back(alt)
+
+
+def _stage1_init(config, model, params, shardings):
   from vlm.train import checkpoint as ckpt
   workdir = config.init.stage1_workdir
   try:
@@ -167,7 +190,7 @@ def _stage1_init(config, params, shardings):
                      "needs a BLIP-2 stage-1 run (configs/blip2/stage1.py). To continue from an "
                      "earlier stage-2 run use --config.init.workdir instead.")
   try:
-    return ckpt.init_params_from_workdir(params, shardings, workdir)
+    return _init_from_workdir_any_layout(params, shardings, workdir, model_config=model.config)
   except ValueError as e:
     why = str(e).split(". Use a workdir")[0]
     raise ValueError(f"config.init.stage1_workdir={workdir!r} does not fit this stage-2 model "
@@ -178,7 +201,8 @@ def _stage1_init(config, params, shardings):
 
 def _hf_blip2_init(config, model, params, shardings):
   from vlm.convert import hf_blip2
-  host = hf_blip2.load_hf_blip2_qformer(config.init.hf_checkpoint, model.config)
+  host = hf_blip2.load_hf_blip2_qformer(config.init.hf_checkpoint, model.config,
+                                        scan_layers=model.scan_layers)
   log.info("initialised the vision tower, query tokens and Q-Former from %s (%d arrays)",
            config.init.hf_checkpoint, len(host))
   return _place_host_leaves(params, shardings, host)
@@ -214,7 +238,7 @@ def init_params(config, model, params, shardings):
   """
   init = config.init
   if init.get("stage1_workdir", ""):
-    params = _stage1_init(config, params, shardings)
+    params = _stage1_init(config, model, params, shardings)
   elif init.get("hf_checkpoint", ""):
     params = _hf_blip2_init(config, model, params, shardings)
   elif init.get("bert_dir", ""):
