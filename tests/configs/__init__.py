@@ -1,0 +1,1 @@
+"""Tests of the recipe configs under configs/ (no compile)."""
