@@ -70,6 +70,12 @@ def run(config, topology: str, *, config_name: str = "", json_path: str = "",
     report = aot.compile_train_step(config, topology, config_name=config_name)
   except aot.DoesNotFitError as e:  # the TPU compiler itself ran out of HBM
     out(f"error: does not fit: {e}")
+    if markdown:
+      out(aot.markdown_header())
+      out(aot.markdown_row(e.row))
+    if json_path:
+      with open(json_path, "w") as f:
+        json.dump(e.row, f, indent=1)
     return 2
   out(report.summary())
   if markdown:

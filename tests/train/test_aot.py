@@ -115,7 +115,7 @@ def test_fake_task_compiles_for_tpu_and_reports(v5e_2x2, monkeypatch):
   assert "all-reduce" in r.collectives or "reduce-scatter" in r.collectives
   assert r.param_specs["encoder/kernel"] == "P('fsdp', 'tensor')"  # (EMBED, MLP) kernel
   row = aot.markdown_row(r.to_json())
-  assert row.startswith("| `fake` | v5e:2x2 | data=2,fsdp=2 | 32 |")
+  assert row.startswith("| `fake` | v5e:2x2 | data=2,fsdp=2 (2 microbatches) | 32 |")
   aot.check_fits(r)
 
 

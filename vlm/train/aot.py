@@ -74,7 +74,13 @@ class TopologyError(ValueError):
 
 
 class DoesNotFitError(ValueError):
-  """The compiled step needs more memory per chip than the chip has (message: overshoot, fix)."""
+  """The compiled step needs more memory per chip than the chip has (message: overshoot, fix).
+  ``row``: what is known of the plan (config, topology, mesh, batch, needed / HBM bytes, compile
+  time) for :func:`markdown_row`."""
+
+  def __init__(self, message: str, row: dict | None = None):
+    super().__init__(message)
+    self.row = row or {}
 
 
 @dataclasses.dataclass
@@ -434,6 +440,12 @@ def markdown_row(r: Mapping[str, Any]) -> str:
   """One README table row from :meth:`AotReport.to_json` (or its JSON file)."""
   mesh = ",".join(f"{k}={v}" for k, v in r["mesh"].items() if v > 1) or "1"
   hbm = f" / {r['hbm_bytes'] / GiB:.0f}" if r.get("hbm_bytes") else ""
+  if r.get("microbatches", 1) > 1:
+    mesh += f" ({r['microbatches']} microbatches)"
+  if "argument_bytes" not in r:  # the TPU compiler refused: no memory analysis
+    return (f"| `{r['config']}` | {r['topology']} | {mesh} | {r['global_batch_size']} | - | - | "
+            f"does not fit: needs {r['needed_bytes'] / GiB:.1f}{hbm} | - | "
+            f"{r['compile_s']:.0f} |")
   flops = "n/a" if r.get("flops") is None else f"{r['flops'] / 1e12:.1f}"
   return (f"| `{r['config']}` | {r['topology']} | {mesh} | {r['global_batch_size']} | "
           f"{r['argument_bytes'] / GiB:.2f} | {r['temp_bytes'] / GiB:.2f} | "
@@ -548,11 +560,17 @@ def compile_train_step(config, topology: Topology | str, *, config_name: str = "
     if oom is None:
       raise
     need, have = oom
+    row = dict(config=config_name, topology=plan.topology.name,
+               mesh={k: int(v) for k, v in plan.mesh.shape.items()},
+               global_batch_size=int(plan.config.global_batch_size),
+               microbatches=int(plan.config.get("microbatches", 1)), fits=False,
+               needed_bytes=need * GiB, hbm_bytes=plan.topology.hbm_bytes,
+               compile_s=time.perf_counter() - t1, error=str(e).splitlines()[0][:300])
     raise DoesNotFitError(
         f"{config_name or 'the config'} on {plan.topology.name} (mesh "
         f"{_mesh_str(plan.mesh.shape)}): the TPU compiler ran out of HBM: {need:.2f} GiB needed "
         f"per chip, {have:.2f} GiB available: {need - have:.2f} GiB over "
-        f"(compile {time.perf_counter() - t1:.0f} s). {_FIX}") from e
+        f"(compile {time.perf_counter() - t1:.0f} s). {_FIX}", row) from e
   t2 = time.perf_counter()
   return report_of(plan, compiled, config_name=config_name, lower_s=t1 - t0, compile_s=t2 - t1)
 
