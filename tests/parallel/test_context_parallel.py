@@ -38,7 +38,9 @@ def _max_err(a, b):
               for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))), default=0.0)
 
 
-@pytest.mark.parametrize("implementation", ["xla", "chunked"])
+# "xla" here; the blockwise "chunked" implementation under context parallelism (traced causal
+# offset, custom VJP) is the stage-C recipe's, checked through its train step below.
+@pytest.mark.parametrize("implementation", ["xla"])
 def test_attention_context_parallel_equals_one_device(implementation):
   rng = np.random.default_rng(0)
   b, l, hq, hkv, d = 2, 32, 4, 2, 8
@@ -196,16 +198,20 @@ def test_stage_c_train_step_context_parallel_equals_one_device():
                        opt_state=opt)
     fn = step_lib.jit_train_step(model, tx, mask, qwen_vl.loss_fn, loss_kwargs, shardings, mesh,
                                  RULES, batch, batch_axes=axes)
+    metrics = []
     with jax.set_mesh(mesh), nn.logical_axis_rules(RULES):
       b = mesh_lib.global_batch_from_host(batch, mesh, RULES, axes)
       assert b["labels"].sharding.spec[1] == "context"
-      state, metrics = fn(state, b, jax.random.PRNGKey(1))
-    return jax.device_get(state.params), jax.device_get(metrics)
+      for _ in range(2):  # the first step's learning rate is the warm-up's 0
+        state, m = fn(state, b, jax.random.PRNGKey(1))
+        metrics.append(jax.device_get(m))
+    return jax.device_get(state.params), metrics
 
   want = run(mesh_lib.make_mesh({"data": 1}, devices=jax.devices()[:1]))
   got = run(mesh_lib.make_mesh({"fsdp": 2, "context": 4}))
-  assert float(want[1]["loss_weight"]) > 0 and float(want[1]["grad_norm"]) > 0
+  assert float(want[1][0]["loss_weight"]) > 0 and float(want[1][0]["grad_norm"]) > 0
   assert _max_err(got[1], want[1]) <= TOL, (got[1], want[1])
+  assert _max_err(want[0], params) > 1e-4  # the parameters moved
   assert _max_err(got[0], want[0]) <= TOL
 
 
