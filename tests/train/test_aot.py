@@ -111,6 +111,8 @@ def test_fake_task_compiles_for_tpu_and_reports(v5e_2x2, monkeypatch):
   assert r.params == 8 * 256 + 256 + 256 + 1 == r.trainable_params
   assert r.argument_bytes > 0 and r.total_bytes >= r.argument_bytes and r.fits
   assert r.flops and r.flops > 0
+  # the encoder's forward and weight-gradient matmuls, 8 rows per chip: 2 * 8 * 8 * 256 each
+  assert r.matmul_flops == 2 * (2 * 8 * 8 * 256)
   # data parallelism over 4 chips must reduce the gradients
   assert "all-reduce" in r.collectives or "reduce-scatter" in r.collectives
   assert r.param_specs["encoder/kernel"] == "P('fsdp', 'tensor')"  # (EMBED, MLP) kernel
@@ -151,6 +153,9 @@ def test_collective_stats_weights_ops_by_loop_trip_count():
   %ag = bf16[16,4]{1,0} all-gather(bf16[4,4]{1,0} %x), dimensions={0}
   %ars = f32[8,4]{1,0} all-reduce-start(f32[8,4]{1,0} %y), to_apply=%add
   %ard = f32[8,4]{1,0} all-reduce-done(f32[8,4]{1,0} %ars)
+  %lhs = f32[8,32]{1,0} broadcast(%zero), dimensions={}
+  %rhs = f32[32,16]{1,0} broadcast(%zero), dimensions={}
+  %d = f32[8,16]{1,0} dot(%lhs, %rhs), lhs_contracting_dims={1}, rhs_contracting_dims={0}
   ROOT %t = (s32[], f32[8,4]) tuple(%i, %ard)
 }
 
@@ -173,9 +178,13 @@ ENTRY %main (a: f32[8,4]) -> f32[8,4] {
   %w2 = (s32[]{:T(128)}, f32[8,4]{1,0:T(8,128)}) while(%init2), condition=%cond2, body=%body2
   %rs = f32[2,4]{1,0} reduce-scatter(f32[8,4]{1,0} %a), dimensions={0}, to_apply=%add
   %a2a = (f32[2,4]{1,0}, f32[2,4]{1,0}) all-to-all(f32[2,4] %q, f32[2,4] %r)
+  %k = bf16[4,6]{1,0:T(4,128)} broadcast(%zero), dimensions={}
+  %cv = f32[8,6]{1,0} convolution(%a, %k), dim_labels=bf_io->bf
   ROOT %cp = f32[8,4]{1,0} collective-permute(f32[8,4]{1,0} %z), source_target_pairs={{0,1}}
 }
 """
+  # matmuls: [8,32] x [32,16] five times in the loop, [8,4] x [4,6] once
+  assert aot.hlo_stats(hlo)[1] == 5 * 2 * 8 * 16 * 32 + 2 * 8 * 6 * 4
   got = aot.collective_stats(hlo)
   assert got == {"all-gather": {"count": 5, "bytes": 5 * 16 * 4 * 2},
                  "all-reduce": {"count": 5, "bytes": 5 * 8 * 4 * 4},

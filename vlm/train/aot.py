@@ -283,25 +283,32 @@ def _shape_bytes(text: str) -> int:
   return int(total)
 
 
-def collective_stats(hlo_text: str) -> dict[str, dict[str, int]]:
-  """Per collective kind, ``{"count": ops, "bytes": result bytes}`` of an (SPMD-partitioned,
-  i.e. per-device) HLO module's text, each op weighted by how often it runs: an op in a
-  ``while`` body (a scanned layer stack, microbatches) counts once per iteration, the trip count
-  taken from the loop's ``known_trip_count`` or else from a condition ``i < N`` with a single
-  integer constant N (the form ``lax.scan`` emits); other loops count once.
-  Async pairs count once (the ``-done`` result); ``-start`` ops are skipped."""
+def _dims(shape_text: str) -> list[int]:
+  m = _SHAPE.search(shape_text)
+  return [int(d) for d in m.group(2).split(",") if d] if m else []
+
+
+def hlo_stats(hlo_text: str) -> tuple[dict[str, dict[str, int]], float]:
+  """(:func:`collective_stats`, matmul FLOPs) of an HLO module's text, every instruction
+  weighted by how often it runs (see :func:`collective_stats`). The FLOPs are ``2 * output size
+  * contracted size`` summed over ``dot`` and ``convolution`` instructions (TPU matmuls), so a
+  scanned layer stack counts every layer, unlike XLA's cost analysis, which counts a loop body
+  once; elementwise work and custom calls (Pallas kernels) are not counted."""
   comps: dict[str, list[tuple[str, str]]] = {}  # computation -> [(kind, result shape text)]
   edges: dict[str, list[tuple[str, Any]]] = {}  # -> [(callee, trip count or condition name)]
   bounds: dict[str, list[int]] = {}  # computation -> its s32/s64 scalar constants
   less_than: set[str] = set()  # computations with a compare(..., direction=LT)
+  matmul: dict[str, float] = {}  # computation -> its dot/convolution FLOPs (one run)
   entry = None
   current = None
+  shapes: dict[str, str] = {}
   for line in hlo_text.splitlines():
     cm = _COMP.match(line)
     if cm and "=" not in line.split("{")[0].split("(")[0]:
       current = cm.group(2)
       comps.setdefault(current, [])
       edges.setdefault(current, [])
+      shapes = {n: t for n, t in re.findall(r"([\w.\-]+): ([a-z][a-z0-9]*\[[0-9,]*\])", line)}
       if cm.group(1):
         entry = current
       continue
@@ -310,7 +317,8 @@ def collective_stats(hlo_text: str) -> dict[str, dict[str, int]]:
     im = _INSTR.match(line)
     if not im:
       continue
-    _, shape, op, rest = im.groups()
+    name, shape, op, rest = im.groups()
+    shapes[name] = shape
     if op == "constant":
       c = re.fullmatch(r"\s*[su](?:32|64)\[\]\S*", shape)
       v = re.match(r"\s*(\d+)\)", rest)
@@ -318,6 +326,21 @@ def collective_stats(hlo_text: str) -> dict[str, dict[str, int]]:
         bounds.setdefault(current, []).append(int(v.group(1)))
     elif op == "compare" and "direction=LT" in rest:
       less_than.add(current)
+    elif op in ("dot", "convolution"):
+      operands = re.findall(r"%([\w.\-]+)", rest.split(")", 1)[0])
+      out_n = math.prod(_dims(shape))
+      flops = 0.0
+      if op == "dot" and operands:
+        lhs = _dims(shapes.get(operands[0], ""))
+        cd = re.search(r"lhs_contracting_dims=\{([0-9,]*)\}", rest)
+        k = math.prod(lhs[int(i)] for i in cd.group(1).split(",") if i) if cd and lhs else 0
+        flops = 2.0 * out_n * k
+      elif op == "convolution" and len(operands) > 1:
+        rhs = _dims(shapes.get(operands[1], ""))
+        labels = re.search(r"dim_labels=\w+_(\w+)->", rest)
+        if rhs and labels and "o" in labels.group(1) and len(labels.group(1)) == len(rhs):
+          flops = 2.0 * out_n * math.prod(rhs) / rhs[labels.group(1).index("o")]
+      matmul[current] = matmul.get(current, 0.0) + flops
     trip: Any = 1
     if op == "while":
       t = _TRIP.search(rest)
@@ -334,7 +357,7 @@ def collective_stats(hlo_text: str) -> dict[str, dict[str, int]]:
     if base in _COLLECTIVES:
       comps[current].append((base, shape))
   if entry is None:
-    return {}
+    return {}, 0.0
   mult: dict[str, int] = {}
 
   def trips(trip) -> int:
@@ -363,7 +386,18 @@ def collective_stats(hlo_text: str) -> dict[str, dict[str, int]]:
       d = out.setdefault(kind, {"count": 0, "bytes": 0})
       d["count"] += k
       d["bytes"] += k * _shape_bytes(shape)
-  return out
+  flops = sum(f * mult.get(name, 0) for name, f in matmul.items())
+  return out, flops
+
+
+def collective_stats(hlo_text: str) -> dict[str, dict[str, int]]:
+  """Per collective kind, ``{"count": ops, "bytes": result bytes}`` of an (SPMD-partitioned,
+  i.e. per-device) HLO module's text, each op weighted by how often it runs: an op in a
+  ``while`` body (a scanned layer stack, microbatches) counts once per iteration, the trip count
+  taken from the loop's ``known_trip_count`` or else from a condition ``i < N`` with a single
+  integer constant N (the form ``lax.scan`` emits); other loops count once.
+  Async pairs count once (the ``-done`` result); ``-start`` ops are skipped."""
+  return hlo_stats(hlo_text)[0]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -392,6 +426,7 @@ class AotReport:
   total_bytes: int
   hbm_bytes: int | None
   flops: float | None
+  matmul_flops: float
   collectives: dict[str, dict[str, int]]
   lower_s: float
   compile_s: float
@@ -420,9 +455,10 @@ class AotReport:
         f"memory per chip: arguments {g(self.argument_bytes)}, outputs {g(self.output_bytes)} "
         f"(aliased {g(self.alias_bytes)}), temporaries {g(self.temp_bytes)}, code "
         f"{g(self.code_bytes)}; total {g(self.total_bytes)}{hbm}",
-        "flops per step per chip: " + ("n/a" if self.flops is None else
-                                        f"{self.flops / 1e12:.2f} TFLOP (x{self.chips} chips = "
-                                        f"{self.flops * self.chips / 1e15:.2f} PFLOP)"),
+        f"matmul flops per step per chip (HLO, every loop iteration): "
+        f"{self.matmul_flops / 1e12:.2f} TFLOP (x{self.chips} chips = "
+        f"{self.matmul_flops * self.chips / 1e15:.2f} PFLOP); XLA cost analysis (a loop body "
+        "once): " + ("n/a" if self.flops is None else f"{self.flops / 1e12:.2f} TFLOP"),
         "collectives per step per chip: " + (", ".join(
             f"{k} {v['count']} ops {v['bytes'] / GiB:.2f} GiB"
             for k, v in sorted(self.collectives.items())) or "none"),
@@ -446,7 +482,7 @@ def markdown_row(r: Mapping[str, Any]) -> str:
     return (f"| `{r['config']}` | {r['topology']} | {mesh} | {r['global_batch_size']} | - | - | "
             f"does not fit: needs {r['needed_bytes'] / GiB:.1f}{hbm} | - | "
             f"{r['compile_s']:.0f} |")
-  flops = "n/a" if r.get("flops") is None else f"{r['flops'] / 1e12:.1f}"
+  flops = f"{r['matmul_flops'] / 1e12:.1f}" if r.get("matmul_flops") else "n/a"
   return (f"| `{r['config']}` | {r['topology']} | {mesh} | {r['global_batch_size']} | "
           f"{r['argument_bytes'] / GiB:.2f} | {r['temp_bytes'] / GiB:.2f} | "
           f"{r['total_bytes'] / GiB:.2f}{hbm} | {flops} | {r['compile_s']:.0f} |")
@@ -592,6 +628,7 @@ def report_of(plan: TrainStepPlan, compiled, *, config_name: str = "", lower_s: 
     hlo = compiled.as_text()
   except Exception:  # pylint: disable=broad-except
     hlo = ""
+  collectives, matmul_flops = hlo_stats(hlo)
   config = plan.config
   trainable = optim.partition(plan.state.params, plan.mask)[0]
   return AotReport(
@@ -603,7 +640,7 @@ def report_of(plan: TrainStepPlan, compiled, *, config_name: str = "", lower_s: 
       trainable_params=sum(int(np.prod(x.shape)) for x in jax.tree.leaves(trainable)),
       argument_bytes=arg, output_bytes=out, alias_bytes=alias, temp_bytes=temp, code_bytes=code,
       total_bytes=arg + out - alias + temp + code, hbm_bytes=plan.topology.hbm_bytes, flops=flops,
-      collectives=collective_stats(hlo), lower_s=lower_s, compile_s=compile_s,
+      matmul_flops=matmul_flops, collectives=collectives, lower_s=lower_s, compile_s=compile_s,
       param_specs=param_specs(plan.shardings.params))
 
 
