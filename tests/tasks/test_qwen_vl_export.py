@@ -58,6 +58,7 @@ def _config(hf_dir):
   c.data.sources = [{"type": "conversations", "path": "data/qwen_sft/single_images.json"}]
   c.data.max_length, c.data.max_patches, c.data.num_threads = 64, 128, 1
   c.model.scan_layers = True
+  c.model.scan_vision = True  # the tower's blocks scanned too (visual/blocks, stacked)
   c.mesh.shape = {"data": 1, "fsdp": 2, "tensor": 2, "expert": 2}
   c.global_batch_size = 2
   c.total_steps = c.optim.total_steps = 3
@@ -102,9 +103,10 @@ def test_hf_loads_the_export_and_its_logits_equal_vlm(trained):
     assert name in info["files"], name
   step, params = ckpt.restore_params(wd)
   assert step == 3 and "layers" in params["language_model"]  # trained scanned, exported unstacked
+  assert "blocks" in params["visual"] and "blocks_0" not in params["visual"]
 
   # training happened: the checkpoint differs from the initial HF weights
-  _, init = load_hf_qwen3_vl(hf_dir, scan_layers=True)
+  _, init = load_hf_qwen3_vl(hf_dir, scan_layers=True, scan_vision=True)
   fi, fp = flax.traverse_util.flatten_dict(init), flax.traverse_util.flatten_dict(params)
   assert set(fi) == set(fp)
   same = {"/".join(k) for k in fi if np.array_equal(np.asarray(fi[k]), np.asarray(fp[k]))}
@@ -116,7 +118,7 @@ def test_hf_loads_the_export_and_its_logits_equal_vlm(trained):
                   ("linear_fc1/bias", "linear_fc2/bias", "norm/bias", "norm/scale")}, same
 
   # the export reads back exactly the checkpoint's parameters (vlm.load_pretrained too)
-  _, back = load_hf_qwen3_vl(out, scan_layers=True)
+  _, back = load_hf_qwen3_vl(out, scan_layers=True, scan_vision=True)
   chex.assert_trees_all_equal(jax.tree.map(np.asarray, back), params)
   model, loaded, processor = vlm.load_pretrained(out)
   chex.assert_trees_all_equal(
