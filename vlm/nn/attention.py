@@ -18,6 +18,9 @@ scores to bfloat16.
 blockwise online softmax with O(L x block) memory forward and backward, the TPU ``splash`` Pallas
 kernel, ``cudnn`` via ``jax.nn.dot_product_attention``, ``auto``). ``scripts/
 benchmark_attention_memory.py`` measures the compiled memory of xla vs chunked at 4k-32k tokens.
+With ``sharded=True`` it runs under ``jax.shard_map`` on the current mesh, including **context
+parallelism** (the token axis split over the ``context`` mesh axis: local queries, all-gathered
+keys/values, causal mask by global position); :func:`context_parallel_size` says how many shards.
 """
 from __future__ import annotations
 
