@@ -53,9 +53,14 @@ def main(argv):
     logging.getLogger(name).setLevel(logging.WARNING)
   from vlm.train.cli import ConfigError, init_distributed
   try:
+    ids = [int(i) for i in FLAGS.local_device_ids or []]
+  except ValueError:
+    sys.exit(f"error: --local_device_ids={','.join(FLAGS.local_device_ids)} must be device "
+             "numbers, e.g. --local_device_ids=0,1")
+  try:
     init_distributed(multihost=FLAGS.multihost, coordinator_address=FLAGS.coordinator_address,
                      num_processes=FLAGS.num_processes, process_id=FLAGS.process_id,
-                     local_device_ids=[int(i) for i in FLAGS.local_device_ids or []])
+                     local_device_ids=ids)
   except ConfigError as e:
     sys.exit(f"error: {e}")
   import jax

@@ -1,7 +1,8 @@
 """Recipes as tasks: the trainer (:mod:`vlm.train.loop`) knows no model family.
 
 A task is a plain module of functions (no base classes) listed in :data:`TASKS` and named by the
-config (``config.task = "blip2_stage1"``). The loop imports it with :func:`get_task` and calls
+config (``config.task = "blip2_stage1"``; a module outside vlm is named by its dotted path,
+``config.task = "tests.train.fake_task"``). The loop imports it with :func:`get_task` and calls
 only what is listed here; everything family-specific (models, data, losses, weights,
 evaluation, what to log) lives in the task. A new recipe is one task module plus its configs; a
 new stage of an existing family is a config. ``vlm/tasks/blip2_stage1.py`` is the reference
@@ -115,7 +116,8 @@ def get_task(name: str) -> ModuleType:
       path = None
   if path is None:
     raise ValueError(f"unknown task {name!r}; registered tasks: {', '.join(sorted(TASKS))} "
-                     "(set config.task, or register a new one in vlm/tasks/__init__.py)")
+                     "(set config.task to one of them or to a task module's dotted path, or "
+                     "register a new one in vlm/tasks/__init__.py)")
   module = importlib.import_module(path)
   missing = [a for a in REQUIRED if not hasattr(module, a)]
   if missing:

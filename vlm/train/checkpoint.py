@@ -24,6 +24,14 @@ What goes wrong, and what this module does about it:
   lists the changed config keys and the first mismatching arrays; any other change (batch size,
   learning rate, seed...) is resumed with a warning that lists it.
 
+* **Several processes** (``scripts/train.py --num_processes``): every process takes part in each
+  save and restore; each writes its own shards of the arrays and its own data-iterator position
+  (``data_iter/process_<i>-of-<n>.json``), orbax writes the JSON metadata from process 0. The
+  arrays restore onto any mesh and device count (the current mesh's shardings are the target,
+  never the saved ones), but resuming needs the process count that saved them
+  (:func:`saved_process_count`; another count is a :class:`CheckpointMismatchError`, nothing is
+  moved aside).
+
 This is the one home of checkpoint restore:
 
 * :func:`restore_latest`: the full train state (+ data iterator) for resuming a run;

@@ -8,6 +8,12 @@ accumulation over ``config.microbatches``), checkpoints, metrics, preemption.
 Order of restoration: the workdir's own latest checkpoint > the task's ``init_params``
 (pretrained weights the task knows how to read) followed by ``config.init.workdir`` (an earlier stage's workdir: the
 parameters whose path and shape match) > scratch.
+
+Several processes (``jax.distributed`` started by ``scripts/train.py``): the same code runs in
+every process; each reads its share of the data (``train_data(process_index, process_count)``),
+assembles the global batch from the per-process pieces, places its own shards of the initial
+weights, and writes its own checkpoint shards; process 0 alone writes metrics, TensorBoard and
+``eval_results.json``.
 """
 from __future__ import annotations
 
