@@ -3,7 +3,7 @@ on this machine, and report per-chip memory, FLOPs, collective traffic and compi
 
   pip install -e ".[tpu]"   # libtpu: TPU topology descriptions, no TPU needed
   python scripts/aot_compile.py --config configs/qwen3_vl/stage_b.py:235b_a22b --topology v5p-512 \
-      [--config.mesh.shape.expert=8 ...] [--json out.json] [--markdown]
+      [--config.mesh.shape.expert=8 ...] [--json out.json] [--markdown] [--dump_hlo step.hlo]
   python scripts/aot_compile.py --config configs/blip2/stage1.py:tiny --topology cpu:8
 
 Topologies: v5e-N / v6e-N (N chips), v5p-N / v4-N (N TensorCores, 2 per chip), raw libtpu names
@@ -49,6 +49,7 @@ config_flags.DEFINE_config_file("config", None, "Config file (path.py[:variant])
 flags.DEFINE_string("topology", None, "v5e-256, v5p-512, v6e-256, v5p:4x8x8, v5e:16x16, cpu:8 ...")
 flags.DEFINE_string("json", "", "Write the report (and every parameter's PartitionSpec) here.")
 flags.DEFINE_bool("markdown", False, "Also print the README table row.")
+flags.DEFINE_string("dump_hlo", "", "Write the compiled per-chip HLO text here.")
 FLAGS = flags.FLAGS
 
 
@@ -62,12 +63,12 @@ def _config_name(argv) -> str:
 
 
 def run(config, topology: str, *, config_name: str = "", json_path: str = "",
-        markdown: bool = False, out=print) -> int:
+        markdown: bool = False, hlo_path: str = "", out=print) -> int:
   """Compiles, prints the report, writes ``json_path``; returns the exit status (0 fits, 2 does
   not fit). Raises TopologyError / ValueError for a bad topology or config."""
   from vlm.train import aot
   try:
-    report = aot.compile_train_step(config, topology, config_name=config_name)
+    report = aot.compile_train_step(config, topology, config_name=config_name, hlo_path=hlo_path)
   except aot.DoesNotFitError as e:  # the TPU compiler itself ran out of HBM
     out(f"error: does not fit: {e}")
     if markdown:
@@ -101,7 +102,7 @@ def main(argv):
     sys.exit("error: --topology is required (e.g. v5p-512, v5e:16x16, cpu:8)")
   try:
     code = run(FLAGS.config, FLAGS.topology, config_name=_config_name(sys.argv),
-               json_path=FLAGS.json, markdown=FLAGS.markdown)
+               json_path=FLAGS.json, markdown=FLAGS.markdown, hlo_path=FLAGS.dump_hlo)
   except ValueError as e:
     if os.environ.get("VLM_TRACEBACK"):
       raise

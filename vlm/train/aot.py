@@ -573,13 +573,15 @@ def plan_train_step(config, topology: Topology | str, *,
 
 
 def compile_train_step(config, topology: Topology | str, *, config_name: str = "",
-                       mesh_shape: Mapping[str, int] | None = None) -> AotReport:
+                       mesh_shape: Mapping[str, int] | None = None,
+                       hlo_path: str = "") -> AotReport:
   """Lowers and compiles the train step of ``config`` for ``topology`` (:func:`plan_train_step`)
   and measures it.
 
   Args:
     config, topology, mesh_shape: see :func:`plan_train_step`.
     config_name: shown in the report (e.g. ``configs/qwen3_vl/stage_b.py:8b``).
+    hlo_path: if set, the compiled (per-chip) HLO text is written there.
   Returns:
     an :class:`AotReport` (does not check the fit: see :func:`check_fits`).
   Raises:
@@ -608,6 +610,9 @@ def compile_train_step(config, topology: Topology | str, *, config_name: str = "
         f"per chip, {have:.2f} GiB available: {need - have:.2f} GiB over "
         f"(compile {time.perf_counter() - t1:.0f} s). {_FIX}", row) from e
   t2 = time.perf_counter()
+  if hlo_path:
+    with open(hlo_path, "w") as f:
+      f.write(compiled.as_text())
   return report_of(plan, compiled, config_name=config_name, lower_s=t1 - t0, compile_s=t2 - t1)
 
 
