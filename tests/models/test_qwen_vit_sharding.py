@@ -145,3 +145,26 @@ def test_no_array_over_the_global_patch_count(impl):
   assert not re.search(rf"\b{2 * n},{2 * n}\b", jaxpr)  # nothing over B*Np x B*Np
   square = re.search(rf"\[[\d,]*\b{n},{n}\]", jaxpr)
   assert bool(square) == (impl == "xla"), square
+
+
+def test_splash_kernel_under_a_mesh_runs_per_row_shards():
+  """A Pallas kernel is not partitioned by GSPMD (on a TPU topology the tower failed to lower):
+  under a mesh the tower runs ``splash`` in a shard_map over its rows; values equal the 1-device
+  dense path (CPU: Pallas interpret mode)."""
+  cfg = T.config("dense").vision
+  grids = [np.array([[1, 4, 4]]), np.array([[1, 2, 4], [1, 4, 4]])] * 4
+  tables = [qwen_vit.vision_inputs(cfg, g, NP) for g in grids]
+  stacked = {k: np.stack([t[k] for t in tables]) for k in tables[0]}
+  pixels = np.random.default_rng(0).standard_normal((8, NP, cfg.patch_dim)).astype(np.float32)
+  for b, g in enumerate(grids):
+    pixels[b, int(np.prod(g, axis=1).sum()):] = 0
+  params = T.spread(qwen_vit.Qwen3VLVisionModel(cfg).init(jax.random.PRNGKey(0), pixels,
+                                                          **stacked), 2)
+  ref = jax.jit(qwen_vit.Qwen3VLVisionModel(cfg).apply)(params, pixels, **stacked)
+  model = qwen_vit.Qwen3VLVisionModel(cfg, attention_implementation="splash")
+  with jax.set_mesh(_mesh()), nn.logical_axis_rules(mesh_lib.DEFAULT_RULES):
+    fn = jax.jit(model.apply)
+    assert "shard_map" in str(jax.make_jaxpr(model.apply)(params, pixels, **stacked))
+    out = fn(params, pixels, **stacked)
+  assert _row_axes(out[0]) == {"data", "tensor"}
+  chex.assert_trees_all_close(out, ref, atol=1e-5, rtol=0)

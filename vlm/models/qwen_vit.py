@@ -483,27 +483,36 @@ def constrain_rows(x, axes=ACTIVATION_AXES[1:], lead: int = 0):
   divides ``B`` (e.g. 2 rows on data=2, tensor=4 stay on data). A dimension in ``axes`` that
   would use one of those mesh axes stays unsharded. Returns ``x`` constrained (same values).
   """
-  rules = nn.get_logical_axis_rules()
-  mesh = jax.sharding.get_abstract_mesh()
-  if not rules or mesh.empty:
+  keep = _row_mesh_axes(x.shape[lead])
+  if keep is None:
     return x
-
-  def names(spec):
-    return () if spec is None else (spec if isinstance(spec, tuple) else (spec,))
-
-  order = list(names(nn.logical_to_mesh_axes((P.BATCH,), rules)[0]))
-  order += [a for a in names(nn.logical_to_mesh_axes((P.VISION_BATCH,), rules)[0])
-            if a not in order]
-  keep, size = [], 1
-  for name in order:
-    if x.shape[lead] % (size * mesh.shape[name]):
-      break
-    keep.append(name)
-    size *= mesh.shape[name]
-  rest = [None if set(names(a)) & set(keep) else a
+  rules = nn.get_logical_axis_rules()
+  rest = [None if set(_axis_names(a)) & set(keep) else a
           for a in nn.logical_to_mesh_axes((P.VISION_BATCH,) + tuple(axes), rules)[1:]]
   spec = [None] * lead + [tuple(keep) if keep else None] + rest
   return jax.lax.with_sharding_constraint(x, jax.sharding.PartitionSpec(*spec))
+
+
+def _axis_names(spec) -> tuple:
+  return () if spec is None else (spec if isinstance(spec, tuple) else (spec,))
+
+
+def _row_mesh_axes(rows: int) -> tuple[str, ...] | None:
+  """The mesh axes of :func:`constrain_rows` for ``rows`` rows; None without a mesh + rules."""
+  rules = nn.get_logical_axis_rules()
+  mesh = jax.sharding.get_abstract_mesh()
+  if not rules or mesh.empty:
+    return None
+  order = list(_axis_names(nn.logical_to_mesh_axes((P.BATCH,), rules)[0]))
+  order += [a for a in _axis_names(nn.logical_to_mesh_axes((P.VISION_BATCH,), rules)[0])
+            if a not in order]
+  keep, size = [], 1
+  for name in order:
+    if rows % (size * mesh.shape[name]):
+      break
+    keep.append(name)
+    size *= mesh.shape[name]
+  return tuple(keep)
 
 
 def _segment_mask(segment_ids):
@@ -569,8 +578,16 @@ class VisionAttention(nn.Module):
     if impl == "xla":
       out = dot_product_attention(q, k, v, mask=_segment_mask(segment_ids), dtype=self.dtype)
     else:
-      out = attention(q, k, v, segment_ids=segment_ids, causal=False, implementation=impl,
-                      block_size=self.block_size, dtype=self.dtype)
+      run = lambda q, k, v, s: attention(q, k, v, segment_ids=s, causal=False,
+                                         implementation=impl, block_size=self.block_size,
+                                         dtype=self.dtype)
+      rows = _row_mesh_axes(b) if impl == "splash" else None
+      if rows is not None:  # a Pallas kernel is not partitioned by GSPMD: whole rows per device
+        mesh = jax.sharding.get_abstract_mesh()
+        spec = lambda n: jax.sharding.PartitionSpec(rows or None, *([None] * (n - 1)))
+        run = jax.shard_map(run, mesh=mesh, in_specs=(spec(4),) * 3 + (spec(2),),
+                            out_specs=spec(4), check_vma=False)
+      out = run(q, k, v, segment_ids)
     return layers.Dense(d, kernel_axes=(P.VISION_HEADS, P.EMBED), name="proj", wide_float16=True,
                         **kw)(out.reshape(b, l, d))
 
