@@ -20,7 +20,6 @@ import re
 import subprocess
 import sys
 
-import jax
 import pytest
 
 from vlm.train import aot
