@@ -68,6 +68,16 @@ Parameter trees mirror the HF keys under ``model.visual.`` (CONTRACT.md rule)::
     patch_embed/proj/kernel [F, Dv]   (no bias)
     blocks_{i}/{norm1, norm2 (RMSNorm scale), attn/{qkv, proj}, mlp/{gate_proj, up_proj, down_proj}}
     merger/{ln_q/scale [Dv], mlp_0 [4Dv, 4Dv], mlp_2 [4Dv, Dout]}
+
+With ``scan_layers=True`` the ``blocks_{i}`` subtrees are one ``blocks`` subtree whose leaves carry
+a leading layer axis (:func:`stack_blocks`); Qwen2.5-VL's full-attention blocks are picked per
+layer inside the scan, Qwen3-VL's DeepStack taps are collected in a [K, B, Np, Dv] buffer.
+
+Sharding (``vlm.nn.partitioning``): activations' rows carry ``VISION_BATCH`` (data-parallel over
+every mesh axis that divides them, :func:`constrain_rows`), attention/MLP weights
+``VISION_HEADS`` / ``VISION_MLP`` (replicated over ``tensor`` by default), so the tower is
+data-parallel while the LLM is tensor-parallel; under a mesh ``splash`` runs in a shard_map over
+the rows.
 """
 from __future__ import annotations
 
@@ -818,6 +828,9 @@ class Qwen3VLVisionModel(nn.Module):
   Attributes:
     config: :class:`Qwen3VLVisionConfig`.
     remat: rematerialise each block in the backward pass.
+    scan_layers: run the blocks under one ``nn.scan`` (compile time flat in depth); params
+      ``blocks/...`` with a leading ``LAYERS`` axis instead of ``blocks_{i}``
+      (:func:`stack_blocks` / :func:`unstack_blocks`); same values and gradients.
     attention_implementation: ``"xla"`` (dense [B, 1, Np, Np] segment mask) or another of
       ``vlm.nn.attention.IMPLEMENTATIONS`` (segment-aware, module docstring); a vlm setting.
     attention_block_size: block length of ``chunked`` / ``splash``.
@@ -962,6 +975,9 @@ class Qwen2_5_VLVisionModel(nn.Module):
   Attributes:
     config: :class:`Qwen2_5_VLVisionConfig`.
     remat: rematerialise each block in the backward pass.
+    scan_layers: run the blocks under one ``nn.scan`` (compile time flat in depth); params
+      ``blocks/...`` with a leading ``LAYERS`` axis instead of ``blocks_{i}``
+      (:func:`stack_blocks` / :func:`unstack_blocks`); same values and gradients.
     attention_implementation: ``"xla"`` (dense [B, 1, Np, Np] masks) or another of
       ``vlm.nn.attention.IMPLEMENTATIONS`` (segment-aware with the image segment ids in the
       full-attention blocks and the window segment ids in the others; module docstring).
