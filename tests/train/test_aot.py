@@ -20,6 +20,7 @@ import re
 import subprocess
 import sys
 
+import jax
 import pytest
 
 from vlm.train import aot
@@ -139,8 +140,9 @@ def test_plan_that_does_not_fit_names_the_overshoot(monkeypatch):
 def test_tpu_compiler_hbm_message_is_parsed():
   msg = ("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO "
          "temporaries (289.52G) exceeds available HBM (95.74G).")
-  assert aot._hbm_overflow(msg) == (289.52, 95.74)  # pylint: disable=protected-access
-  assert aot._hbm_overflow("INVALID_ARGUMENT: shapes differ") is None  # pylint: disable=protected-access
+  parse = aot._hbm_overflow  # pylint: disable=protected-access
+  assert parse(msg) == (289.52, 95.74)
+  assert parse("INVALID_ARGUMENT: shapes differ") is None
 
 
 def test_collective_stats_weights_ops_by_loop_trip_count():
@@ -173,7 +175,8 @@ def test_collective_stats_weights_ops_by_loop_trip_count():
 }
 
 ENTRY %main (a: f32[8,4]) -> f32[8,4] {
-  %w = (s32[], f32[8,4]) while(%init), condition=%cond, body=%body, backend_config={"known_trip_count":{"n":"5"}}
+  %w = (s32[], f32[8,4]) while(%init), condition=%cond, body=%body, \
+backend_config={"known_trip_count":{"n":"5"}}
   %w2 = (s32[]{:T(128)}, f32[8,4]{1,0:T(8,128)}) while(%init2), condition=%cond2, body=%body2
   %rs = f32[2,4]{1,0} reduce-scatter(f32[8,4]{1,0} %a), dimensions={0}, to_apply=%add
   %a2a = (f32[2,4]{1,0}, f32[2,4]{1,0}) all-to-all(f32[2,4] %q, f32[2,4] %r)
@@ -212,3 +215,26 @@ def test_script_compiles_on_8_simulated_cpu_devices(tmp_path):
                         "--topology=v5e-3"], cwd=ROOT, env=env, capture_output=True, text=True,
                        timeout=300)
   assert bad.returncode == 1 and "v5p-512" in bad.stderr and "cpu:N" in bad.stderr
+
+
+def test_matmul_flops_count_every_iteration_of_nested_tpu_loops(v5e_2x2):
+  """A scan over 7 layers, each a fori_loop of 3 matmuls, differentiated: 21 forward and 42
+  backward [256, 256] x [256, 256] matmuls per chip (1024 rows over 4 chips)."""
+  import jax.numpy as jnp
+  import numpy as np
+  from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+  mesh = Mesh(np.array(v5e_2x2.devices).reshape(4), ("d",))
+
+  def f(x, w):
+    def layer(h, wl):
+      return jax.lax.fori_loop(0, 3, lambda i, h2: jnp.tanh(h2 @ wl), h), None
+    return jax.lax.scan(layer, x, w)[0].sum()
+
+  rows, repl = NamedSharding(mesh, PartitionSpec("d")), NamedSharding(mesh, PartitionSpec())
+  x = jax.ShapeDtypeStruct((1024, 256), jnp.float32, sharding=rows)
+  w = jax.ShapeDtypeStruct((7, 256, 256), jnp.float32, sharding=repl)
+  hlo = jax.jit(jax.grad(f, argnums=1)).lower(x, w).compile().as_text()
+  collectives, flops = aot.hlo_stats(hlo)
+  assert flops == 63 * 2 * 256 * 256 * 256
+  assert collectives["all-reduce"]["count"] == 7  # one weight-gradient reduction per layer

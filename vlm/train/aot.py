@@ -15,7 +15,8 @@ step is lowered and compiled for the devices of a topology:
   (``jax.experimental.topologies.get_topology_desc``; needs libtpu, ``pip install -e ".[tpu]"``,
   but no TPU);
 * ``cpu:N``: N simulated CPU devices (the process must have been started with
-  ``XLA_FLAGS=--xla_force_host_platform_device_count=N`` or more; ``scripts/aot_compile.py`` sets it).
+  ``XLA_FLAGS=--xla_force_host_platform_device_count=N`` or more; ``scripts/aot_compile.py``
+  sets it).
 
 The compiled executable's memory analysis (per chip), cost analysis and the collectives of its
 HLO are summarised by :class:`AotReport`; :func:`check_fits` compares the per-chip total with the
