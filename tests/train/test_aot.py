@@ -238,3 +238,26 @@ def test_matmul_flops_count_every_iteration_of_nested_tpu_loops(v5e_2x2):
   collectives, flops = aot.hlo_stats(hlo)
   assert flops == 63 * 2 * 256 * 256 * 256
   assert collectives["all-reduce"]["count"] == 7  # one weight-gradient reduction per layer
+
+
+def test_matmul_flops_of_a_conditional_count_its_costliest_branch(v5e_2x2):
+  """``lax.switch`` over branches of 0, 1 and 3 chained matmuls runs one of them: counted as the
+  costliest (3), not their sum (4); inside a 5-step fori_loop: 15 matmuls."""
+  import jax.numpy as jnp
+  import numpy as np
+  from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+  mesh = Mesh(np.array(v5e_2x2.devices).reshape(4), ("d",))
+
+  def f(x, w, k):
+    branches = [lambda h: h, lambda h: jnp.tanh(h @ w),
+                lambda h: jnp.tanh(jnp.tanh(jnp.tanh(h @ w) @ w) @ w)]
+    return jax.lax.fori_loop(0, 5, lambda i, h: jax.lax.switch(k, branches, h), x)
+
+  rows, repl = NamedSharding(mesh, PartitionSpec("d")), NamedSharding(mesh, PartitionSpec())
+  x = jax.ShapeDtypeStruct((1024, 256), jnp.float32, sharding=rows)
+  w = jax.ShapeDtypeStruct((256, 256), jnp.float32, sharding=repl)
+  k = jax.ShapeDtypeStruct((), jnp.int32, sharding=repl)
+  hlo = jax.jit(f).lower(x, w, k).compile().as_text()
+  _, flops = aot.hlo_stats(hlo)
+  assert flops == 15 * 2 * 256 * 256 * 256

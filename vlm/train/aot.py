@@ -297,6 +297,7 @@ def hlo_stats(hlo_text: str) -> tuple[dict[str, dict[str, int]], float]:
   once; elementwise work and custom calls (Pallas kernels) are not counted."""
   comps: dict[str, list[tuple[str, str]]] = {}  # computation -> [(kind, result shape text)]
   edges: dict[str, list[tuple[str, Any]]] = {}  # -> [(callee, trip count or condition name)]
+  branch_sets: dict[str, list[tuple[str, ...]]] = {}  # computation -> its conditionals' branches
   bounds: dict[str, list[int]] = {}  # computation -> its s32/s64 scalar constants
   less_than: set[str] = set()  # computations with a compare(..., direction=LT)
   matmul: dict[str, float] = {}  # computation -> its dot/convolution FLOPs (one run)
@@ -347,11 +348,18 @@ def hlo_stats(hlo_text: str) -> tuple[dict[str, dict[str, int]], float]:
       t = _TRIP.search(rest)
       cond = re.search(r"\bcondition=%?([\w.\-]+)", rest)
       trip = int(t.group(1)) if t else ("cond", cond.group(1) if cond else "")
+    branches = []  # a conditional runs one of these per execution
     for kind, callee in _CALLS.findall(rest):
-      edges[current].append((callee, trip if kind == "body" else 1))
+      if kind in ("true_computation", "false_computation"):
+        branches.append(callee)
+      else:
+        edges[current].append((callee, trip if kind == "body" else 1))
     for group in _BRANCHES.findall(rest):
-      for callee in group.split(","):
-        edges[current].append((callee.strip().lstrip("%"), 1))
+      branches.extend(c.strip().lstrip("%") for c in group.split(","))
+    for callee in branches:
+      edges[current].append((callee, 1))
+    if branches:
+      branch_sets.setdefault(current, []).append(tuple(branches))
     base = op[:-5] if op.endswith("-done") else op
     if op.endswith("-start"):
       continue
@@ -387,8 +395,24 @@ def hlo_stats(hlo_text: str) -> tuple[dict[str, dict[str, int]], float]:
       d = out.setdefault(kind, {"count": 0, "bytes": 0})
       d["count"] += k
       d["bytes"] += k * _shape_bytes(shape)
-  flops = sum(f * mult.get(name, 0) for name, f in matmul.items())
-  return out, flops
+  # FLOPs: a conditional's branches count as the costliest one (collectives above count every
+  # branch: an upper bound), a loop body times its trip count.
+  branch_of = {name: {c for group in groups for c in group}
+               for name, groups in branch_sets.items()}
+  memo: dict[str, float] = {}
+
+  def total(name, depth=0) -> float:
+    if name in memo or depth > 64:
+      return memo.get(name, 0.0)
+    own = matmul.get(name, 0.0)
+    inside = branch_of.get(name, set())
+    own += sum(trips(trip) * total(callee, depth + 1)
+               for callee, trip in edges.get(name, ()) if callee not in inside)
+    own += sum(max(total(c, depth + 1) for c in group) for group in branch_sets.get(name, ()))
+    memo[name] = own
+    return own
+
+  return out, total(entry)
 
 
 def collective_stats(hlo_text: str) -> dict[str, dict[str, int]]:
