@@ -22,16 +22,34 @@ head_dim x 2 per row shard, 64 MiB in bfloat16 for 235B-A22B (4 x 128) and 128 M
 256 rows (64 on 256 chips, e.g. v5p-512, with 235B-A22B's expert=8: fsdp=8). Beyond 1,024 chips
 raise context to 8 (``--config.mesh.shape.context=8``): rows of 4,096-token shards. The vision
 tower's patches stay whole per row (replicated over ``context``); each shard picks its tokens'
-merged and DeepStack features. tiny keeps one context shard (the CPU test runs it on
+merged and DeepStack features.
+
+Memory (``scripts/aot_compile.py``, v5p-512, 235B-A22B): with the default rules the parameters
+and optimizer state are split over fsdp x expert only (64 ways: context takes 4 of the 256 chips'
+factors) and the step needs 178 GiB per chip (123 GiB with 4 microbatches) of the 95 GiB HBM.
+So the full-size variants also shard the parameters' ``embed`` dimension over ``context``
+(ZeRO-3 over fsdp x context, gathered per layer like FSDP) and 235B-A22B accumulates 4
+microbatches (one 8,192-token row shard per chip per microbatch): 76.5 GiB per chip.
+tiny keeps one context shard (the CPU test runs it on
 context=4 x fsdp=2: ``tests/parallel/test_context_parallel.py``).
 """
+from vlm.nn import partitioning as P
+from vlm.parallel.mesh import DEFAULT_RULES
 from vlm.tasks.qwen_vl import expert_parallel, qwen_vl_config
 
 CONTEXT = 4  # context-parallel shards of the full-size variants (8,192 tokens each)
+# Gradient accumulation of the variants whose activations need it (one 8,192-token row shard per
+# chip per microbatch, as stage B). Measured by scripts/aot_compile.py on v5p-512 (README table).
+MICROBATCHES = {"235b_a22b": 4}
 
 
 def get_config(arg: str | None = None):
   c = expert_parallel(qwen_vl_config("c", arg))  # MoE variants: routed, expert=8
   if c.variant != "tiny":
     c.mesh.shape.context = CONTEXT
+    rules = c.mesh.rules if c.mesh.get("rules") is not None else DEFAULT_RULES
+    # ZeRO over the context axis too: parameters and optimizer state split over fsdp x context.
+    c.mesh.rules = [(name, ("fsdp", "context") if name == P.EMBED else axes)
+                    for name, axes in rules]
+    c.microbatches = MICROBATCHES.get(c.variant, 1)
   return c
