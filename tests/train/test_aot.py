@@ -261,3 +261,25 @@ def test_matmul_flops_of_a_conditional_count_its_costliest_branch(v5e_2x2):
   hlo = jax.jit(f).lower(x, w, k).compile().as_text()
   _, flops = aot.hlo_stats(hlo)
   assert flops == 15 * 2 * 256 * 256 * 256
+
+
+def test_matmul_flops_of_batched_matmuls_written_as_dilated_convolutions(v5e_2x2):
+  """The TPU compiler writes this attention-score einsum and its gradients as ``convolution``s
+  whose window spans batch dims with ``lhs_dilate`` = window size (one real tap per dim): counted
+  as the 3 matmuls they are, not times the window area."""
+  import jax.numpy as jnp
+  import numpy as np
+  from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+  mesh = Mesh(np.array(v5e_2x2.devices).reshape(4), ("d",))
+  b, h, q, k, d = 12, 12, 16, 197, 32
+
+  def f(x, y):
+    return (jnp.einsum("bqhd,bkhd->bhqk", x, y) ** 2).sum()
+
+  repl = NamedSharding(mesh, PartitionSpec())
+  x = jax.ShapeDtypeStruct((b, q, h, d), jnp.bfloat16, sharding=repl)
+  y = jax.ShapeDtypeStruct((b, k, h, d), jnp.bfloat16, sharding=repl)
+  hlo = jax.jit(jax.grad(f, argnums=(0, 1))).lower(x, y).compile().as_text()
+  _, flops = aot.hlo_stats(hlo)
+  assert flops == 3 * 2 * b * h * q * k * d

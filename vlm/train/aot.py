@@ -289,6 +289,31 @@ def _dims(shape_text: str) -> list[int]:
   return [int(d) for d in m.group(2).split(",") if d] if m else []
 
 
+def _conv_taps(rhs: list[int], attrs: str) -> float:
+  """Multiply-adds per output element of an HLO ``convolution``: the kernel's input features
+  times, per spatial dim, the window taps that meet real (not dilation-inserted) input elements,
+  ``ceil(size / lhs_dilate)``. The TPU compiler writes batched matmuls as convolutions whose
+  window spans a batch dim with ``lhs_dilate`` equal to the window size: one tap each, not the
+  window size (counting the window would overstate those matmuls by its area)."""
+  labels = re.search(r"dim_labels=\w+_(\w+)->", attrs)
+  if not rhs or not labels or len(labels.group(1)) != len(rhs) or "i" not in labels.group(1):
+    return 0.0
+  kernel = labels.group(1)
+  spatial = [d for d, c in zip(rhs, kernel) if c.isdigit()]
+  window = re.search(r"window=\{([^}]*)\}", attrs)
+  sizes = spatial
+  dilate = [1] * len(spatial)
+  if window:
+    sm = re.search(r"size=([0-9x]+)", window.group(1))
+    lm = re.search(r"lhs_dilate=([0-9x]+)", window.group(1))
+    if sm:
+      sizes = [int(v) for v in sm.group(1).split("x")]
+    if lm:
+      dilate = [int(v) for v in lm.group(1).split("x")]
+  taps = math.prod(-(-s // max(d, 1)) for s, d in zip(sizes, dilate))
+  return float(rhs[kernel.index("i")] * taps)
+
+
 def hlo_stats(hlo_text: str) -> tuple[dict[str, dict[str, int]], float]:
   """(:func:`collective_stats`, matmul FLOPs) of an HLO module's text, every instruction
   weighted by how often it runs (see :func:`collective_stats`). The FLOPs are ``2 * output size
@@ -338,10 +363,7 @@ def hlo_stats(hlo_text: str) -> tuple[dict[str, dict[str, int]], float]:
         k = math.prod(lhs[int(i)] for i in cd.group(1).split(",") if i) if cd and lhs else 0
         flops = 2.0 * out_n * k
       elif op == "convolution" and len(operands) > 1:
-        rhs = _dims(shapes.get(operands[1], ""))
-        labels = re.search(r"dim_labels=\w+_(\w+)->", rest)
-        if rhs and labels and "o" in labels.group(1) and len(labels.group(1)) == len(rhs):
-          flops = 2.0 * out_n * math.prod(rhs) / rhs[labels.group(1).index("o")]
+        flops = 2.0 * out_n * _conv_taps(_dims(shapes.get(operands[1], "")), rest)
       matmul[current] = matmul.get(current, 0.0) + flops
     trip: Any = 1
     if op == "while":
