@@ -283,3 +283,19 @@ def test_matmul_flops_of_batched_matmuls_written_as_dilated_convolutions(v5e_2x2
   hlo = jax.jit(jax.grad(f, argnums=(0, 1))).lower(x, y).compile().as_text()
   _, flops = aot.hlo_stats(hlo)
   assert flops == 3 * 2 * b * h * q * k * d
+
+
+def test_matmul_flops_of_a_padded_window_convolution_count_real_taps_only():
+  """An outer-product matmul as the TPU compiler writes it (seen in the Qwen3-VL-235B step's
+  ``o_proj`` gradient): a 4-wide window over a size-1 dim padded by 3 on each side meets the real
+  input once per output position: 8*4*2 outputs x 16 input features, not x 4 taps."""
+  hlo = """HloModule m, entry_computation_layout={()->f32[8,4,2]}
+
+ENTRY %main.1 (p0: f32[8,16,1], p1: f32[4,2,16]) -> f32[8,4,2] {
+  %p0 = f32[8,16,1]{2,1,0} parameter(0)
+  %p1 = f32[4,2,16]{2,1,0} parameter(1)
+  ROOT %convolution.1 = f32[8,4,2]{2,1,0} convolution(%p0, %p1), window={size=4 pad=3_3 rhs_reversal=1}, dim_labels=bf0_0oi->b0f
+}
+"""
+  _, flops = aot.hlo_stats(hlo)
+  assert flops == 2 * 8 * 4 * 2 * 16

@@ -289,29 +289,42 @@ def _dims(shape_text: str) -> list[int]:
   return [int(d) for d in m.group(2).split(",") if d] if m else []
 
 
-def _conv_taps(rhs: list[int], attrs: str) -> float:
-  """Multiply-adds per output element of an HLO ``convolution``: the kernel's input features
-  times, per spatial dim, the window taps that meet real (not dilation-inserted) input elements,
-  ``ceil(size / lhs_dilate)``. The TPU compiler writes batched matmuls as convolutions whose
-  window spans a batch dim with ``lhs_dilate`` equal to the window size: one tap each, not the
-  window size (counting the window would overstate those matmuls by its area)."""
-  labels = re.search(r"dim_labels=\w+_(\w+)->", attrs)
-  if not rhs or not labels or len(labels.group(1)) != len(rhs) or "i" not in labels.group(1):
+def _conv_macs(lhs: list[int], rhs: list[int], out: list[int], attrs: str) -> float:
+  """Multiply-adds of an HLO ``convolution``: per output element, the kernel's input features
+  times the window taps that meet a real input element (not padding, not a hole from
+  ``lhs_dilate``), counted exactly per spatial dim. The TPU compiler writes many matmuls as
+  convolutions whose windows mostly see padding or dilation holes (a batched matmul: a window
+  over a batch dim with ``lhs_dilate`` = its size; an outer product: a 64-wide window over a
+  size-1 dim padded by 63 on each side); counting the whole window would overstate them by its
+  area."""
+  labels = re.search(r"dim_labels=(\w+)_(\w+)->(\w+)", attrs)
+  if not labels or not rhs or not out:
     return 0.0
-  kernel = labels.group(1)
-  spatial = [d for d, c in zip(rhs, kernel) if c.isdigit()]
+  lab_l, lab_k, lab_o = labels.groups()
+  if (len(lab_l) != len(lhs) or len(lab_k) != len(rhs) or len(lab_o) != len(out)
+      or "i" not in lab_k):
+    return 0.0
+  dims = sorted(c for c in lab_k if c.isdigit())
   window = re.search(r"window=\{([^}]*)\}", attrs)
-  sizes = spatial
-  dilate = [1] * len(spatial)
-  if window:
-    sm = re.search(r"size=([0-9x]+)", window.group(1))
-    lm = re.search(r"lhs_dilate=([0-9x]+)", window.group(1))
-    if sm:
-      sizes = [int(v) for v in sm.group(1).split("x")]
-    if lm:
-      dilate = [int(v) for v in lm.group(1).split("x")]
-  taps = math.prod(-(-s // max(d, 1)) for s, d in zip(sizes, dilate))
-  return float(rhs[kernel.index("i")] * taps)
+  text = window.group(1) if window else ""
+
+  def field(name, default):
+    m = re.search(rf"\b{name}=([0-9x_\-]+)", text)
+    return m.group(1).split("x") if m else [default] * len(dims)
+
+  strides = [int(v) for v in field("stride", "1")]
+  pads = [tuple(int(p) for p in v.split("_")) for v in field("pad", "0_0")]
+  lhs_dil = [int(v) for v in field("lhs_dilate", "1")]
+  rhs_dil = [int(v) for v in field("rhs_dilate", "1")]
+  real_pairs, out_spatial = 1, 1
+  for j, d in enumerate(dims):
+    n_in, n_win, n_out = lhs[lab_l.index(d)], rhs[lab_k.index(d)], out[lab_o.index(d)]
+    out_spatial *= n_out
+    pos = (np.arange(n_out)[:, None] * strides[j] + np.arange(n_win)[None, :] * rhs_dil[j]
+           - pads[j][0])
+    real = (pos >= 0) & (pos % lhs_dil[j] == 0) & (pos // lhs_dil[j] < n_in)
+    real_pairs *= int(real.sum())
+  return float(math.prod(out) // max(out_spatial, 1) * real_pairs * rhs[lab_k.index("i")])
 
 
 def hlo_stats(hlo_text: str) -> tuple[dict[str, dict[str, int]], float]:
@@ -363,7 +376,8 @@ def hlo_stats(hlo_text: str) -> tuple[dict[str, dict[str, int]], float]:
         k = math.prod(lhs[int(i)] for i in cd.group(1).split(",") if i) if cd and lhs else 0
         flops = 2.0 * out_n * k
       elif op == "convolution" and len(operands) > 1:
-        flops = 2.0 * out_n * _conv_taps(_dims(shapes.get(operands[1], "")), rest)
+        flops = 2.0 * _conv_macs(_dims(shapes.get(operands[0], "")),
+                                 _dims(shapes.get(operands[1], "")), _dims(shape), rest)
       matmul[current] = matmul.get(current, 0.0) + flops
     trip: Any = 1
     if op == "while":
