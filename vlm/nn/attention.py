@@ -363,7 +363,9 @@ def _sharded_attention(run, impl, query, key, value, segment_ids, kv_segment_ids
 
 
 def _backend() -> str:
-  return jax.default_backend()
+  """The platform "auto" chooses for: the current mesh's devices (an AOT compile for a TPU
+  topology picks the TPU kernels), else jax's default backend."""
+  return P.mesh_platform()
 
 
 def resolve_implementation(implementation: str, *, key_length: int, head_dim: int, dtype: Any,

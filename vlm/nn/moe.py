@@ -81,6 +81,7 @@ import jax
 import jax.numpy as jnp
 
 from vlm.nn import layers
+from vlm.nn import partitioning as P
 
 
 class ExpertSort(NamedTuple):
@@ -250,15 +251,6 @@ DISPATCHES = ("auto", "ragged_all_to_all", "all_to_all")
 GROUPED_MATMULS = ("auto", "ragged_dot", "megablox")
 
 
-def _platform(mesh) -> str:
-  """Platform of the devices ``mesh`` describes (a compile-only TPU topology from a CPU host
-  says "tpu"); jax's default backend without a mesh."""
-  dev = getattr(mesh, "abstract_device", None)
-  if dev is None and hasattr(mesh, "abstract_mesh"):
-    dev = mesh.abstract_mesh.abstract_device
-  return dev.platform if dev is not None else jax.default_backend()
-
-
 def _excl_cumsum(x, axis=-1):
   return jnp.cumsum(x, axis=axis) - x
 
@@ -370,10 +362,9 @@ def _token_axes_from_rules(mesh) -> tuple[str, ...]:
   axes = []
   try:
     import flax.linen as nn  # noqa: PLC0415
-    from vlm.nn import partitioning as P  # noqa: PLC0415
     rules = nn.get_logical_axis_rules()
     if rules:
-      names = (P.BATCH, getattr(P, "SEQUENCE", P.LENGTH), P.LENGTH)  # SEQUENCE: context axis
+      names = (P.BATCH, P.SEQUENCE, P.LENGTH)  # SEQUENCE: the context axis
       for spec in nn.logical_to_mesh_axes(names, rules):
         for a in (spec if isinstance(spec, tuple) else (spec,)):
           if a is not None and a in mesh.axis_names and a not in axes:
@@ -444,7 +435,7 @@ def routed_expert_mlp(x, gate_up, down, expert_ids, weights,
   if matmul not in GROUPED_MATMULS:
     raise ValueError(f"matmul must be one of {GROUPED_MATMULS}, got {matmul!r}")
   mesh = jax.sharding.get_abstract_mesh() if mesh is None else mesh
-  platform = _platform(mesh)
+  platform = P.mesh_platform(mesh)
   if matmul == "auto":
     matmul = "megablox" if platform == "tpu" else "ragged_dot"
   if matmul == "megablox" and platform != "tpu":

@@ -31,6 +31,7 @@ from __future__ import annotations
 from typing import Callable, Sequence
 
 import flax.linen as nn
+import jax
 
 BATCH = "batch"
 LENGTH = "length"
@@ -50,6 +51,18 @@ VISION_BATCH = "vision_batch"
 VISION_HEADS = "vision_heads"
 VISION_MLP = "vision_mlp"
 ALL_AXES = ALL_AXES + (VISION_BATCH, VISION_HEADS, VISION_MLP)
+
+
+def mesh_platform(mesh=None) -> str:
+  """Platform ("cpu", "gpu", "tpu") of the devices ``mesh`` describes, or of the current mesh
+  (``jax.set_mesh``) when ``mesh`` is None; jax's default backend without one. A compile-only
+  TPU topology on a CPU host says "tpu", so kernel choices follow the compile target."""
+  if mesh is None:
+    mesh = jax.sharding.get_abstract_mesh()
+  dev = getattr(mesh, "abstract_device", None)
+  if dev is None and hasattr(mesh, "abstract_mesh"):
+    dev = mesh.abstract_mesh.abstract_device
+  return dev.platform if dev is not None else jax.default_backend()
 
 
 def with_axes(init: Callable, axes: Sequence[str | None]) -> Callable:

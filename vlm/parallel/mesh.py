@@ -10,6 +10,7 @@ size 1).
 """
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any, Mapping, Sequence
 
@@ -84,19 +85,33 @@ def resolve_mesh_shape(shape: Mapping[str, int], num_devices: int) -> dict[str, 
   return sizes
 
 
-def make_mesh(shape: Mapping[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
+def make_mesh(shape: Mapping[str, int], devices: Sequence[jax.Device] | None = None, *,
+              interconnect_order: bool | None = None) -> Mesh:
   """Builds a ``jax.sharding.Mesh`` with axes ``MESH_AXES`` from ``shape`` (see resolve_mesh_shape).
 
-  On TPU/GPU ``jax.experimental.mesh_utils.create_device_mesh`` orders devices for the
-  interconnect; on CPU a plain reshape is used.
+  Args:
+    devices: default ``jax.devices()``; also a compile-only TPU topology's devices (AOT).
+    interconnect_order: order the devices for the TPU/GPU interconnect with
+      ``jax.experimental.mesh_utils.create_device_mesh`` (default: on TPU/GPU when ``devices`` are
+      all of this run's devices); otherwise, or if that cannot order them (logged), a plain
+      reshape (always on CPU).
   """
   devices = list(devices if devices is not None else jax.devices())
   sizes = resolve_mesh_shape(shape, len(devices))
   dims = tuple(sizes[a] for a in MESH_AXES)
-  if devices[0].platform in ("tpu", "gpu") and len(devices) == jax.device_count():
+  if interconnect_order is None:
+    interconnect_order = (devices[0].platform in ("tpu", "gpu")
+                          and len(devices) == jax.device_count())
+  arr = None
+  if interconnect_order and devices[0].platform in ("tpu", "gpu"):
     from jax.experimental import mesh_utils
-    arr = mesh_utils.create_device_mesh(dims, devices=devices)
-  else:
+    try:
+      arr = mesh_utils.create_device_mesh(dims, devices=devices)
+    except (ValueError, NotImplementedError, AssertionError) as e:
+      logging.getLogger("vlm").warning(
+          "mesh %s: devices not ordered for the interconnect (%s); using their listed order",
+          dict(sizes), e)
+  if arr is None:
     arr = np.asarray(devices, dtype=object).reshape(dims)
   return Mesh(arr, MESH_AXES)
 

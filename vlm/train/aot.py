@@ -24,7 +24,6 @@ chip's HBM.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 import os
@@ -182,25 +181,6 @@ def resolve_topology(spec: str) -> Topology:
   return Topology(spec, "tpu", devices, gen, shape, TPU_GENERATIONS[gen]["hbm_gib"] * GiB)
 
 
-def topology_mesh(shape: Mapping[str, int], devices: Sequence[Any]) -> Mesh:
-  """The mesh of ``config.mesh.shape`` over ``devices`` (a -1 axis fills), axes
-  ``vlm.parallel.mesh.MESH_AXES``; TPU devices are ordered for the interconnect by
-  ``jax.experimental.mesh_utils.create_device_mesh``, as :func:`vlm.parallel.mesh.make_mesh`
-  does on a real slice. Raises ValueError for a shape that does not fit the device count."""
-  devices = list(devices)
-  sizes = mesh_lib.resolve_mesh_shape(shape, len(devices))
-  dims = tuple(sizes[a] for a in mesh_lib.MESH_AXES)
-  if devices[0].platform == "tpu":
-    from jax.experimental import mesh_utils
-    try:
-      arr = mesh_utils.create_device_mesh(dims, devices=devices)
-    except (ValueError, NotImplementedError, AssertionError):
-      arr = np.asarray(devices, dtype=object).reshape(dims)
-  else:
-    arr = np.asarray(devices, dtype=object).reshape(dims)
-  return Mesh(arr, mesh_lib.MESH_AXES)
-
-
 def abstract_train_state(init_fn, tx, frozen: Sequence[str], mesh: Mesh, rules
                          ) -> tuple[TrainState, TrainState, dict]:
   """The TrainState that :func:`vlm.train.step.create_train_state_from_init` would create, as
@@ -241,19 +221,6 @@ def abstract_batch(task, config, batch_size: int, axes) -> dict:
     return jax.ShapeDtypeStruct(tuple(shape), x.dtype)
 
   return jax.tree.map(scale, one, dims)
-
-
-@contextlib.contextmanager
-def _backend_for(platform: str):
-  """Lets ``implementation="auto"`` attention choose for the platform compiled for (e.g. the
-  TPU splash kernel) rather than for this process's default backend."""
-  from vlm.nn import attention
-  old = attention._backend  # pylint: disable=protected-access
-  attention._backend = lambda: platform  # pylint: disable=protected-access
-  try:
-    yield
-  finally:
-    attention._backend = old  # pylint: disable=protected-access
 
 
 # ---------------------------------------------------------------------------------------------
@@ -579,9 +546,8 @@ class TrainStepPlan:
 
   def lower(self):
     """``step_fn.lower(state, batch, rng)`` under the mesh and rules, attention choosing its
-    implementation for the topology's platform."""
-    with _backend_for(self.topology.platform), jax.set_mesh(self.mesh), \
-        nn.logical_axis_rules(self.rules):
+    implementation for the topology's platform (:func:`vlm.nn.partitioning.mesh_platform`)."""
+    with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
       return self.step_fn.lower(self.state, self.batch, self.rng)
 
 
@@ -604,7 +570,8 @@ def plan_train_step(config, topology: Topology | str, *,
   topo = resolve_topology(topology) if isinstance(topology, str) else topology
   loop.validate_config(config)
   task = loop.get_task(config)
-  mesh = topology_mesh(dict(mesh_shape or config.mesh.shape), topo.devices)
+  mesh = mesh_lib.make_mesh(dict(mesh_shape or config.mesh.shape), topo.devices,
+                            interconnect_order=True)
   rules = mesh_lib.rules_from_config(config.mesh.get("rules"))
   mesh_lib.check_batch_size(config.global_batch_size, mesh, rules)
   loop._check_microbatches(config, mesh, rules)  # pylint: disable=protected-access
@@ -617,9 +584,8 @@ def plan_train_step(config, topology: Topology | str, *,
   def init_fn(key):
     return task.init_model(model, key, example)
 
-  with _backend_for(topo.platform):
-    state, shardings, mask = abstract_train_state(init_fn, tx, list(config.optim.frozen), mesh,
-                                                  rules)
+  state, shardings, mask = abstract_train_state(init_fn, tx, list(config.optim.frozen), mesh,
+                                                rules)
   batch = abstract_batch(task, config, config.global_batch_size, axes)
   batch_shard = mesh_lib.batch_shardings(mesh, rules, batch, axes)
   batch = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
