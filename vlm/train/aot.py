@@ -607,7 +607,7 @@ def compile_train_step(config, topology: Topology | str, *, config_name: str = "
 
   Args:
     config, topology, mesh_shape: see :func:`plan_train_step`.
-    config_name: shown in the report (e.g. ``configs/qwen3_vl/stage_b.py:8b``).
+    config_name: shown in the report (the ``--config`` argument, ``<config file>:<variant>``).
     hlo_path: if set, the compiled (per-chip) HLO text is written there.
   Returns:
     an :class:`AotReport` (does not check the fit: see :func:`check_fits`).
